@@ -1,0 +1,63 @@
+"""Argument checks shared by every op. They raise ``TypeError`` (wrong type or dtype) or
+``ValueError`` (wrong shape, device, layout or value) naming the argument, before any pointer
+reaches native code. They only read metadata, so they work on fake tensors under
+``torch.compile`` and never synchronise a GPU."""
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _dtype_names(dtypes: Iterable[torch.dtype]) -> str:
+    return ", ".join(str(d).replace("torch.", "") for d in dtypes)
+
+
+def check_tensor(
+    name: str,
+    t: object,
+    *,
+    ndim: int | None = None,
+    dtypes: Sequence[torch.dtype] | None = None,
+    last_dim_contiguous: bool = False,
+    contiguous: bool = False,
+) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise TypeError(f"{name} must have dtype {_dtype_names(dtypes)}, got {str(t.dtype).replace('torch.', '')}")
+    if t.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{name} is on device {t.device}; genkernels supports cpu and cuda tensors")
+    if contiguous and not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous (strides {t.stride()} for shape {tuple(t.shape)})")
+    if last_dim_contiguous and t.dim() > 0 and t.shape[-1] > 1 and t.stride(-1) != 1:
+        raise ValueError(f"{name} must have a contiguous last dimension (stride(-1) == 1), got strides {t.stride()}")
+    return t
+
+
+def check_shape(name: str, t: torch.Tensor, expected: Sequence[int], what: str = "") -> None:
+    if tuple(t.shape) != tuple(expected):
+        hint = f" ({what})" if what else ""
+        raise ValueError(f"{name} must have shape {tuple(expected)}{hint}, got {tuple(t.shape)}")
+
+
+def check_same_device(**tensors: torch.Tensor | None) -> torch.device:
+    items = [(n, t) for n, t in tensors.items() if t is not None]
+    dev = items[0][1].device
+    for n, t in items[1:]:
+        if t.device != dev:
+            raise ValueError(f"{n} is on {t.device} but {items[0][0]} is on {dev}; all tensors must be on one device")
+    return dev
+
+
+def check_same_dtype(**tensors: torch.Tensor) -> torch.dtype:
+    items = list(tensors.items())
+    dt = items[0][1].dtype
+    for n, t in items[1:]:
+        if t.dtype != dt:
+            raise TypeError(f"{n} has dtype {t.dtype} but {items[0][0]} has {dt}; they must match")
+    return dt

@@ -1,0 +1,1 @@
+"""Developer tools: the instantiation table and the static kernel report."""
