@@ -39,6 +39,14 @@ def check_tensor(
     return t
 
 
+def require_tensors(**args: object) -> None:
+    """The cheap type check a public function does before calling its torch op, whose schema
+    would otherwise reject a non-tensor with a less helpful RuntimeError."""
+    for name, t in args.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+
+
 def check_shape(name: str, t: torch.Tensor, expected: Sequence[int], what: str = "") -> None:
     if tuple(t.shape) != tuple(expected):
         hint = f" ({what})" if what else ""

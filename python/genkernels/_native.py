@@ -16,6 +16,20 @@ DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 _state = threading.local()
 _num_threads_override: int | None = None
+_poison_outputs = False  # tests: fill new outputs with NaN so an unwritten element fails
+
+
+def set_poison_outputs(on: bool) -> bool:
+    global _poison_outputs
+    old, _poison_outputs = _poison_outputs, on
+    return old
+
+
+def new_output(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Allocates an op's output: uninitialised, or NaN-filled while tests poison outputs."""
+    if _poison_outputs:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def emulating() -> bool:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from . import _native
-from ._checks import FLOAT_DTYPES, check_same_device, check_same_dtype, check_shape, check_tensor
+from ._checks import FLOAT_DTYPES, check_same_device, check_same_dtype, check_shape, check_tensor, require_tensors
 
 
 def merge_attention_states(
@@ -33,6 +33,7 @@ def merge_attention_states(
         ``(out, lse)``: ``out`` contiguous ``(batch, seqlen, heads, head_dim)`` in the input dtype
         (accumulated in float32), ``lse`` float32 ``(batch, heads, seqlen)``.
     """
+    require_tensors(out_a=out_a, lse_a=lse_a, out_b=out_b, lse_b=lse_b)
     return torch.ops.genkernels.merge_attention_states(out_a, lse_a, out_b, lse_b)
 
 
@@ -40,6 +41,7 @@ def merge_attention_states_n(outs: torch.Tensor, lses: torch.Tensor) -> tuple[to
     """Merges ``N`` stacked partial states: ``outs`` ``(N, batch, seqlen, heads, head_dim)`` and
     ``lses`` ``(N, batch, heads, seqlen)`` float32. Same semantics and outputs as
     :func:`merge_attention_states`."""
+    require_tensors(outs=outs, lses=lses)
     return torch.ops.genkernels.merge_attention_states_n(outs, lses)
 
 
@@ -69,8 +71,8 @@ def _validate_stacked(outs, lses) -> None:
 def _empty_outputs(out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     b, s, h, d = out.shape[-4:]
     return (
-        torch.empty((b, s, h, d), dtype=out.dtype, device=out.device),
-        torch.empty((b, h, s), dtype=torch.float32, device=out.device),
+        _native.new_output((b, s, h, d), out.dtype, out.device),
+        _native.new_output((b, h, s), torch.float32, out.device),
     )
 
 

@@ -37,6 +37,17 @@ def emulate_cuda():
         _native.set_emulating(old)
 
 
+@contextlib.contextmanager
+def poison_outputs():
+    """Fills every output genkernels allocates with NaN, so an element a kernel fails to
+    write shows up as NaN in the comparison."""
+    old = _native.set_poison_outputs(True)
+    try:
+        yield
+    finally:
+        _native.set_poison_outputs(old)
+
+
 def _special_mask_check(name: str, out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     out_nan, ref_nan = torch.isnan(out), torch.isnan(ref)
     if not torch.equal(out_nan, ref_nan):
