@@ -353,9 +353,19 @@ def format_table(kernels: list[KernelStats], with_sass: bool) -> str:
     if with_sass:
         head += ["HMMA", "LDSM", "LDGSTS", "vec ld/st"]
     rows = []
+    # a kernel instantiated in several TUs (e.g. a helper of each head-dim TU) is listed once
+    seen: dict[tuple, int] = {}
     for k in kernels:
+        key = (k.kernel, k.arch, k.registers, k.spill_stores, k.spill_loads, k.stack, k.smem)
+        seen[key] = seen.get(key, 0) + 1
+    printed = set()
+    for k in kernels:
+        key = (k.kernel, k.arch, k.registers, k.spill_stores, k.spill_loads, k.stack, k.smem)
+        if key in printed:
+            continue
+        printed.add(key)
         row = [
-            k.kernel, k.arch, str(k.registers), f"{k.spill_stores}/{k.spill_loads}", str(k.stack),
+            k.kernel + (f" (x{seen[key]} TUs)" if seen[key] > 1 else ""), k.arch, str(k.registers), f"{k.spill_stores}/{k.spill_loads}", str(k.stack),
             str(k.smem), "-" if k.dynamic_smem is None else str(k.dynamic_smem), "-" if k.cmem is None else str(k.cmem),
         ]  # fmt: skip
         if with_sass:

@@ -1,0 +1,125 @@
+"""Timing and this machine's measured peaks.
+
+A measurement is the median over `repeats` of one timed batch of calls; each batch runs enough
+calls to last about ``MIN_BATCH_S`` (so a microsecond op is not lost in the clock), rotating
+over input sets whose total exceeds the last-level cache, so every call reads from DRAM as a
+real model's would. CUDA timings synchronise the device before and after each batch."""
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+MIN_BATCH_S = 2e-3
+MAX_INPUT_SETS = 256
+DEFAULT_LLC_BYTES = 32 << 20
+
+
+def last_level_cache_bytes(device: torch.device) -> int:
+    """L2 of the GPU, or the largest CPU cache in sysfs (32 MiB if unknown)."""
+    if device.type == "cuda":
+        return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", DEFAULT_LLC_BYTES))
+    best = 0
+    for size_file in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = size_file.read_text().strip().upper()
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        try:
+            best = max(best, int(text.rstrip("KMG")) * scale)
+        except ValueError:
+            pass
+    return best or DEFAULT_LLC_BYTES
+
+
+def input_sets_needed(bytes_per_set: int, llc_bytes: int) -> int:
+    """How many input sets to rotate over so that they span twice the last-level cache."""
+    if bytes_per_set <= 0:
+        return 1
+    return max(1, min(MAX_INPUT_SETS, math.ceil(2 * llc_bytes / bytes_per_set)))
+
+
+def tensor_bytes(obj: Any) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, (tuple, list)):
+        return sum(tensor_bytes(o) for o in obj)
+    return 0
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(
+    fn: Callable[..., Any],
+    arg_sets: list[tuple],
+    device: torch.device,
+    repeats: int,
+    warmup: int = 2,
+) -> list[float]:
+    """Seconds per call of ``fn(*args)``, one value per repeat (take the median)."""
+    n_sets = len(arg_sets)
+    per_call = math.inf  # the fastest warm-up call sizes the batches (the first one is cold)
+    for i in range(max(2, warmup)):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn(*arg_sets[i % n_sets])
+        _sync(device)
+        per_call = min(per_call, time.perf_counter() - t0)
+    calls = max(1, min(100_000, int(MIN_BATCH_S / max(per_call, 1e-9))))
+    samples = []
+    k = 0
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn(*arg_sets[k])
+            k = k + 1 if k + 1 < n_sets else 0
+        _sync(device)
+        samples.append((time.perf_counter() - t0) / calls)
+    return samples
+
+
+def median(samples: list[float]) -> float:
+    return statistics.median(samples)
+
+
+def measure_peaks(device: torch.device, quick: bool = False, repeats: int = 5) -> dict[str, float]:
+    """This machine's ceilings, measured with torch:
+
+    - ``copy_gbps``: ``dst.copy_(src)`` of a large fp32 buffer, read + write bytes counted;
+    - ``read_gbps``: ``torch.sum`` of a large fp32 tensor (read only);
+    - ``gemm_fp32_gflops`` / ``gemm_bf16_gflops``: a square ``torch.mm`` (2048, 1024 with
+      --quick), which MKL/oneDNN or cuBLAS run near the FMA peak of the dtype."""
+    mib = 64 if quick else 256
+    n = (mib << 20) // 4
+    src = torch.empty(n, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    copy_s = median(measure(lambda: dst.copy_(src), [()], device, repeats, warmup=1))
+    read_s = median(measure(lambda: torch.sum(src), [()], device, repeats, warmup=1))
+    del src, dst
+    peaks = {
+        "buffer_mib": float(mib),
+        "copy_gbps": 2 * n * 4 / copy_s / 1e9,
+        "read_gbps": n * 4 / read_s / 1e9,
+    }
+    size = 1024 if quick else 2048
+    for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a = torch.randn(size, size, device=device).to(dt)
+        b = torch.randn(size, size, device=device).to(dt)
+        s = median(measure(lambda: torch.mm(a, b), [()], device, max(3, repeats // 2), warmup=1))
+        peaks[f"gemm_{name}_gflops"] = 2 * size**3 / s / 1e9
+    peaks["gemm_size"] = float(size)
+    return peaks
+
+
+def peak_for(bound: str, dtype: torch.dtype, peaks: dict[str, float]) -> tuple[float, str]:
+    """The denominator of a case's fraction of peak, and its unit."""
+    if bound == "compute":
+        key = "gemm_bf16_gflops" if dtype in (torch.bfloat16, torch.float16) else "gemm_fp32_gflops"
+        return peaks[key], "GFLOP/s"
+    return peaks["copy_gbps"], "GB/s"
