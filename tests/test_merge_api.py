@@ -79,3 +79,37 @@ def test_native_rechecks_sizes():
         _native._C.merge_attention_states(0, 7, 1, 1, 1, 1, 2, 0, 0, 1, 1, 1, 8, *([0] * 12), 1, 1, 0, 1)
     with pytest.raises(ValueError, match="null pointer"):
         _native._C.merge_attention_states(0, 0, 0, 0, 0, 0, 2, 0, 0, 1, 1, 1, 8, *([0] * 12), 0, 0, 0, 1)
+
+
+def test_out_buffers_are_written_in_place():
+    oa, la, ob, lb = _pair(torch.bfloat16)
+    want_out, want_lse = gk.merge_attention_states(oa, la, ob, lb)
+    out = torch.full_like(want_out, float("nan"))
+    lse = torch.full_like(want_lse, float("nan"))
+    got_out, got_lse = gk.merge_attention_states(oa, la, ob, lb, out=out, lse_out=lse)
+    assert got_out is out and got_lse is lse
+    assert torch.equal(out, want_out) and torch.equal(lse, want_lse)
+    outs, lses = torch.stack([oa, ob]), torch.stack([la, lb])
+    out2 = torch.empty_like(want_out)
+    got2, lse2 = gk.merge_attention_states_n(outs, lses, out=out2)
+    assert got2 is out2 and torch.equal(out2, want_out) and torch.equal(lse2, want_lse)
+
+
+def test_out_buffer_validation():
+    oa, la, ob, lb = _pair()
+    with pytest.raises(ValueError, match="out must have shape"):
+        gk.merge_attention_states(oa, la, ob, lb, out=torch.empty(2, 3, 4, 8))
+    with pytest.raises(TypeError, match="out has dtype"):
+        gk.merge_attention_states(oa, la, ob, lb, out=torch.empty_like(oa, dtype=torch.half))
+    with pytest.raises(ValueError, match="out must be contiguous"):
+        gk.merge_attention_states(oa, la, ob, lb, out=torch.empty(2, 4, 3, 16).transpose(1, 2))
+    with pytest.raises(ValueError, match="out overlaps the memory of out_a"):
+        gk.merge_attention_states(oa, la, ob, lb, out=oa)
+    with pytest.raises(TypeError, match="lse_out must have dtype float32"):
+        gk.merge_attention_states(oa, la, ob, lb, lse_out=torch.empty(2, 4, 3, dtype=torch.float64))
+
+
+def test_opcheck_out_variant():
+    oa, la, ob, lb = _pair()
+    out, lse = torch.empty_like(oa), torch.empty_like(la)
+    torch.library.opcheck(torch.ops.genkernels.merge_attention_states_out, (oa, la, ob, lb, out, lse))

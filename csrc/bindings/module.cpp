@@ -12,6 +12,9 @@
 #include <string>
 
 #include "core/common.h"
+#include "core/decode_params.h"
+#include "core/diffusion_coeffs.h"
+#include "core/philox.h"
 #include "core/merge_params.h"
 #include "cpu/isa.h"
 #include "cpu/kernels.h"
@@ -111,6 +114,299 @@ void merge_attention_states(int device, int dtype, uintptr_t out_first, uintptr_
       [&] { return GK_WITH_EMU ? gk::cuda_emu::merge_attention_states<T>(p, s) : 0; }));
 }
 
+// ------------------------------------------------------------------ flash attention (prefill)
+// cu_seqlens checks need the values: run for host memory (CPU and emulated devices) before any
+// kernel reads through them; CUDA callers get the shape checks of the Python layer only.
+void check_cu_seqlens(const char* name, const int32_t* cu, int64_t batch, int64_t total, int64_t max_seqlen,
+                      const char* max_name) {
+  require(cu[0] == 0, std::string("flash_attention_varlen: ") + name + "[0] must be 0, got " + std::to_string(cu[0]));
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t len = int64_t(cu[b + 1]) - cu[b];
+    require(len >= 0, std::string("flash_attention_varlen: ") + name + " must be non-decreasing, but " + name + "[" +
+                          std::to_string(b + 1) + "] = " + std::to_string(cu[b + 1]) + " < " + name + "[" +
+                          std::to_string(b) + "] = " + std::to_string(cu[b]));
+    require(len <= max_seqlen, std::string("flash_attention_varlen: sequence ") + std::to_string(b) + " has " +
+                                   std::to_string(len) + " tokens (" + name + "), more than " + max_name + " = " +
+                                   std::to_string(max_seqlen));
+  }
+  require(cu[batch] <= total, std::string("flash_attention_varlen: ") + name + "[-1] = " + std::to_string(cu[batch]) +
+                                  " exceeds the " + std::to_string(total) + " tokens of the tensor");
+}
+
+void flash_attention(int device, int dtype, uintptr_t q, int64_t q_sb, int64_t q_ss, int64_t q_sh, uintptr_t k,
+                     int64_t k_sb, int64_t k_ss, int64_t k_sh, uintptr_t v, int64_t v_sb, int64_t v_ss, int64_t v_sh,
+                     uintptr_t out, int64_t o_sb, int64_t o_ss, int64_t o_sh, uintptr_t lse, int64_t l_sb, int64_t l_sh,
+                     int64_t l_ss, uintptr_t cu_seqlens_q, uintptr_t cu_seqlens_k, int64_t total_q, int64_t total_k,
+                     uintptr_t alibi, int64_t alibi_bstride, int64_t batch, int64_t seqlen_q, int64_t seqlen_k,
+                     int64_t heads_q, int64_t heads_kv, int64_t head_dim, double scale, double softcap, bool causal,
+                     int64_t window_left, int64_t window_right, uintptr_t stream, int num_threads) {
+  const Device dev = device_of(device);
+  require(batch >= 0 && seqlen_q >= 0 && seqlen_k >= 0 && heads_q >= 1 && heads_kv >= 1,
+          "flash_attention: negative or zero size");
+  require(head_dim % 8 == 0 && head_dim >= 8 && head_dim <= 256, "flash_attention: head_dim must be a multiple of 8 in [8, 256]");
+  require(heads_q % heads_kv == 0, "flash_attention: heads_q must be a multiple of heads_kv");
+  require(seqlen_q < (1 << 24) && seqlen_k < (1 << 24), "flash_attention: sequences must be shorter than 2^24 tokens");
+  require(window_left >= -1 && window_right >= -1, "flash_attention: window bounds must be >= -1");
+  require(softcap >= 0.0, "flash_attention: softcap must be >= 0");
+  require(num_threads >= 1, "flash_attention: num_threads must be >= 1");
+  require((cu_seqlens_q == 0) == (cu_seqlens_k == 0), "flash_attention: pass both cu_seqlens_q and cu_seqlens_k or neither");
+  gk::FlashParams p;
+  p.q = as_ptr<const void>(q), p.k = as_ptr<const void>(k), p.v = as_ptr<const void>(v);
+  p.out = as_ptr<void>(out), p.lse = as_ptr<float>(lse);
+  const int64_t qs[3] = {q_sb, q_ss, q_sh}, ks[3] = {k_sb, k_ss, k_sh}, vs[3] = {v_sb, v_ss, v_sh};
+  const int64_t os[3] = {o_sb, o_ss, o_sh}, ls[3] = {l_sb, l_sh, l_ss};
+  for (int i = 0; i < 3; ++i)
+    p.q_stride[i] = qs[i], p.k_stride[i] = ks[i], p.v_stride[i] = vs[i], p.out_stride[i] = os[i], p.lse_stride[i] = ls[i];
+  p.cu_seqlens_q = as_ptr<const int32_t>(cu_seqlens_q), p.cu_seqlens_k = as_ptr<const int32_t>(cu_seqlens_k);
+  p.alibi_slopes = as_ptr<const float>(alibi), p.alibi_batch_stride = alibi_bstride;
+  p.batch = batch, p.seqlen_q = seqlen_q, p.seqlen_k = seqlen_k;
+  p.heads_q = heads_q, p.heads_kv = heads_kv, p.head_dim = head_dim;
+  p.scale = float(scale), p.softcap = float(softcap), p.causal = causal;
+  p.window_left = window_left, p.window_right = window_right;
+  if (batch == 0) return;
+  if (p.varlen() && dev != Device::kCUDA) {
+    check_cu_seqlens("cu_seqlens_q", p.cu_seqlens_q, batch, total_q, seqlen_q, "max_seqlen_q");
+    check_cu_seqlens("cu_seqlens_k", p.cu_seqlens_k, batch, total_k, seqlen_k, "max_seqlen_k");
+  }
+  if (seqlen_q == 0) return;
+  require(p.q && p.out && ((p.k && p.v) || seqlen_k == 0 || total_k == 0), "flash_attention: null pointer");
+  void* s = as_ptr<void>(stream);
+  GK_DISPATCH_DTYPE(dtype, T,
+    run_on(dev, "flash_attention",
+      [&] { GK_CPU_DISPATCH(flash_attention<T>, p, num_threads); },
+      [&] { return GK_WITH_CUDA ? gk::cuda::flash_attention<T>(p, s) : 0; },
+      [&] { return GK_WITH_EMU ? gk::cuda_emu::flash_attention<T>(p, s) : 0; }));
+}
+
+// ------------------------------------------------------------------ decode attention, KV append
+// Cache checks that need the values of cache_seqlens and block_table: run for host memory (CPU
+// and emulated devices) before anything is read or written; CUDA callers are checked in Python.
+void check_cache_indices(const char* op, const int32_t* seqlens, int64_t batch, int64_t extra, int64_t capacity,
+                         const int32_t* block_table, int64_t bt_stride, int64_t page_size, int64_t num_pages) {
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t len = int64_t(seqlens[b]) + extra;
+    require(seqlens[b] >= 0, std::string(op) + ": cache_seqlens[" + std::to_string(b) + "] = " +
+                                 std::to_string(seqlens[b]) + " is negative");
+    require(len <= capacity, std::string(op) + ": cache_seqlens[" + std::to_string(b) + "] = " + std::to_string(seqlens[b]) +
+                                 (extra ? " + " + std::to_string(extra) + " new tokens" : std::string()) +
+                                 " exceeds the cache capacity of " + std::to_string(capacity) + " tokens");
+    if (!block_table) continue;
+    for (int64_t i = 0; i < (len + page_size - 1) / page_size; ++i) {
+      const int32_t page = block_table[b * bt_stride + i];
+      require(page >= 0 && page < num_pages, std::string(op) + ": block_table[" + std::to_string(b) + ", " +
+                                                 std::to_string(i) + "] = " + std::to_string(page) +
+                                                 " is not a page index in [0, " + std::to_string(num_pages) + ")");
+    }
+  }
+}
+
+void decode_attention(int device, int dtype, uintptr_t q, int64_t q_sb, int64_t q_ss, int64_t q_sh, uintptr_t k,
+                      uintptr_t v, int64_t k_s0, int64_t k_s1, int64_t k_s2, int64_t v_s0, int64_t v_s1, int64_t v_s2,
+                      uintptr_t block_table, int64_t bt_stride, int64_t page_size, int64_t capacity, int64_t num_pages,
+                      uintptr_t cache_seqlens, uintptr_t alibi, int64_t alibi_bstride, uintptr_t out, uintptr_t lse,
+                      uintptr_t partial_out, uintptr_t partial_lse, int64_t batch, int64_t seqlen_q, int64_t heads_q,
+                      int64_t heads_kv, int64_t head_dim, int64_t num_splits, double scale, double softcap, bool causal,
+                      int64_t window_left, int64_t window_right, uintptr_t stream, int num_threads) {
+  const Device dev = device_of(device);
+  require(batch >= 0 && seqlen_q >= 0 && head_dim >= 1 && heads_kv >= 1 && heads_q >= 1,
+          "decode_attention: negative or zero size");
+  require(heads_q % heads_kv == 0, "decode_attention: heads_q must be a multiple of heads_kv");
+  require(num_splits >= (dev == Device::kCPU ? 0 : 1) && num_splits <= 1024,
+          "decode_attention: num_splits must be in [1, 1024] (0: automatic, CPU only)");
+  require(num_threads >= 1, "decode_attention: num_threads must be >= 1");
+  require(!block_table || (page_size >= 1 && (page_size & (page_size - 1)) == 0),
+          "decode_attention: page_size must be a power of two");
+  require(num_splits <= 1 || dev == Device::kCPU || (partial_out && partial_lse),
+          "decode_attention: split-KV needs the fp32 workspace");
+  gk::DecodeParams p;
+  p.q = as_ptr<const void>(q);
+  p.q_stride[0] = q_sb, p.q_stride[1] = q_ss, p.q_stride[2] = q_sh;
+  p.k = as_ptr<const void>(k), p.v = as_ptr<const void>(v);
+  p.k_stride[0] = k_s0, p.k_stride[1] = k_s1, p.k_stride[2] = k_s2;
+  p.v_stride[0] = v_s0, p.v_stride[1] = v_s1, p.v_stride[2] = v_s2;
+  p.block_table = as_ptr<const int32_t>(block_table);
+  p.block_table_stride = bt_stride;
+  p.page_size = block_table ? page_size : 0;
+  p.capacity = capacity;
+  p.cache_seqlens = as_ptr<const int32_t>(cache_seqlens);
+  p.alibi_slopes = as_ptr<const float>(alibi);
+  p.alibi_batch_stride = alibi_bstride;
+  p.out = as_ptr<void>(out), p.lse = as_ptr<float>(lse);
+  p.partial_out = as_ptr<float>(partial_out), p.partial_lse = as_ptr<float>(partial_lse);
+  p.batch = batch, p.seqlen_q = seqlen_q, p.heads_q = heads_q, p.heads_kv = heads_kv, p.head_dim = head_dim;
+  p.num_splits = int(num_splits);
+  p.scale = float(scale), p.softcap = float(softcap), p.causal = causal;
+  p.window_left = window_left, p.window_right = window_right;
+  if (batch == 0 || seqlen_q == 0) return;
+  require(p.q && p.k && p.v && p.out && p.cache_seqlens, "decode_attention: null pointer");
+  if (dev != Device::kCUDA)
+    check_cache_indices("decode_attention", p.cache_seqlens, batch, 0, capacity, p.block_table, bt_stride, page_size, num_pages);
+  void* s = as_ptr<void>(stream);
+  GK_DISPATCH_DTYPE(dtype, T,
+    run_on(dev, "decode_attention",
+      [&] { GK_CPU_DISPATCH(decode_attention<T>, p, num_threads); },
+      [&] { return GK_WITH_CUDA ? gk::cuda::decode_attention<T>(p, s) : 0; },
+      [&] { return GK_WITH_EMU ? gk::cuda_emu::decode_attention<T>(p, s) : 0; }));
+}
+
+void append_kv_cache(int device, int dtype, uintptr_t k_new, uintptr_t v_new, int64_t kn_sb, int64_t kn_ss,
+                     int64_t kn_sh, int64_t vn_sb, int64_t vn_ss, int64_t vn_sh, uintptr_t k, uintptr_t v, int64_t k_s0,
+                     int64_t k_s1, int64_t k_s2, int64_t v_s0, int64_t v_s1, int64_t v_s2, uintptr_t block_table,
+                     int64_t bt_stride, int64_t page_size, int64_t capacity, int64_t num_pages, uintptr_t cache_seqlens,
+                     int64_t batch, int64_t seqlen_new, int64_t heads_kv, int64_t head_dim, uintptr_t rotary_cos,
+                     uintptr_t rotary_sin, int64_t rotary_dim, int64_t rotary_positions, bool rotary_interleaved,
+                     uintptr_t stream, int num_threads) {
+  const Device dev = device_of(device);
+  require(batch >= 0 && seqlen_new >= 0 && heads_kv >= 1 && head_dim >= 1, "append_kv_cache: negative or zero size");
+  require(rotary_dim >= 0 && rotary_dim % 2 == 0 && rotary_dim <= head_dim,
+          "append_kv_cache: rotary_dim must be even and at most head_dim");
+  require(!block_table || (page_size >= 1 && (page_size & (page_size - 1)) == 0),
+          "append_kv_cache: page_size must be a power of two");
+  require(num_threads >= 1, "append_kv_cache: num_threads must be >= 1");
+  gk::AppendKVParams p;
+  p.k_new = as_ptr<const void>(k_new), p.v_new = as_ptr<const void>(v_new);
+  p.k_new_stride[0] = kn_sb, p.k_new_stride[1] = kn_ss, p.k_new_stride[2] = kn_sh;
+  p.v_new_stride[0] = vn_sb, p.v_new_stride[1] = vn_ss, p.v_new_stride[2] = vn_sh;
+  p.k = as_ptr<void>(k), p.v = as_ptr<void>(v);
+  p.k_stride[0] = k_s0, p.k_stride[1] = k_s1, p.k_stride[2] = k_s2;
+  p.v_stride[0] = v_s0, p.v_stride[1] = v_s1, p.v_stride[2] = v_s2;
+  p.block_table = as_ptr<const int32_t>(block_table);
+  p.block_table_stride = bt_stride;
+  p.page_size = block_table ? page_size : 0;
+  p.capacity = capacity;
+  p.cache_seqlens = as_ptr<int32_t>(cache_seqlens);
+  p.batch = batch, p.seqlen_new = seqlen_new, p.heads_kv = heads_kv, p.head_dim = head_dim;
+  p.rotary_cos = as_ptr<const float>(rotary_cos), p.rotary_sin = as_ptr<const float>(rotary_sin);
+  p.rotary_dim = rotary_dim, p.rotary_positions = rotary_positions, p.rotary_interleaved = rotary_interleaved;
+  if (batch == 0) return;
+  require(p.cache_seqlens, "append_kv_cache: null cache_seqlens");
+  if (seqlen_new == 0) return;
+  require(p.k_new && p.v_new && p.k && p.v, "append_kv_cache: null pointer");
+  require(rotary_dim == 0 || (p.rotary_cos && p.rotary_sin), "append_kv_cache: null rotary table");
+  if (dev != Device::kCUDA) {
+    check_cache_indices("append_kv_cache", p.cache_seqlens, batch, seqlen_new, capacity, p.block_table, bt_stride,
+                        page_size, num_pages);
+    for (int64_t b = 0; b < batch && rotary_dim; ++b)
+      require(int64_t(p.cache_seqlens[b]) + seqlen_new <= rotary_positions,
+              "append_kv_cache: rotary_cos/rotary_sin have " + std::to_string(rotary_positions) +
+                  " positions but sequence " + std::to_string(b) + " needs " +
+                  std::to_string(int64_t(p.cache_seqlens[b]) + seqlen_new));
+  }
+  void* s = as_ptr<void>(stream);
+  GK_DISPATCH_DTYPE(dtype, T,
+    run_on(dev, "append_kv_cache",
+      [&] { GK_CPU_DISPATCH(append_kv_cache<T>, p, num_threads); },
+      [&] { return GK_WITH_CUDA ? gk::cuda::append_kv_cache<T>(p, s) : 0; },
+      [&] { return GK_WITH_EMU ? gk::cuda_emu::append_kv_cache<T>(p, s) : 0; }));
+}
+
+void apply_rotary(int device, int dtype, uintptr_t x, int64_t x_sb, int64_t x_ss, int64_t x_sh, uintptr_t out,
+                  uintptr_t positions, int64_t pos_sb, int64_t pos_ss, uintptr_t cos, uintptr_t sin, int64_t rotary_dim,
+                  int64_t rotary_positions, bool interleaved, int64_t batch, int64_t seqlen, int64_t heads,
+                  int64_t head_dim, uintptr_t stream, int num_threads) {
+  const Device dev = device_of(device);
+  require(batch >= 0 && seqlen >= 0 && heads >= 0 && head_dim >= 1, "apply_rotary: negative or zero size");
+  require(rotary_dim >= 2 && rotary_dim % 2 == 0 && rotary_dim <= head_dim,
+          "apply_rotary: rotary_dim must be even, >= 2 and at most head_dim");
+  require(num_threads >= 1, "apply_rotary: num_threads must be >= 1");
+  gk::RotaryParams p;
+  p.x = as_ptr<const void>(x);
+  p.x_stride[0] = x_sb, p.x_stride[1] = x_ss, p.x_stride[2] = x_sh;
+  p.out = as_ptr<void>(out);
+  p.positions = as_ptr<const int32_t>(positions);
+  p.positions_stride[0] = pos_sb, p.positions_stride[1] = pos_ss;
+  p.cos = as_ptr<const float>(cos), p.sin = as_ptr<const float>(sin);
+  p.rotary_dim = rotary_dim, p.interleaved = interleaved;
+  p.batch = batch, p.seqlen = seqlen, p.heads = heads, p.head_dim = head_dim;
+  if (batch * seqlen * heads == 0) return;
+  require(p.x && p.out && p.positions && p.cos && p.sin, "apply_rotary: null pointer");
+  if (dev != Device::kCUDA)
+    for (int64_t b = 0; b < batch; ++b)
+      for (int64_t s = 0; s < seqlen; ++s) {
+        const int32_t pos = p.positions[b * pos_sb + s * pos_ss];
+        require(pos >= 0 && pos < rotary_positions, "apply_rotary: positions[" + std::to_string(b) + ", " +
+                                                        std::to_string(s) + "] = " + std::to_string(pos) +
+                                                        " is outside the cos/sin table [0, " +
+                                                        std::to_string(rotary_positions) + ")");
+      }
+  void* s = as_ptr<void>(stream);
+  GK_DISPATCH_DTYPE(dtype, T,
+    run_on(dev, "apply_rotary",
+      [&] { GK_CPU_DISPATCH(apply_rotary<T>, p, num_threads); },
+      [&] { return GK_WITH_CUDA ? gk::cuda::apply_rotary<T>(p, s) : 0; },
+      [&] { return GK_WITH_EMU ? gk::cuda_emu::apply_rotary<T>(p, s) : 0; }));
+}
+
+// ------------------------------------------------------------------ diffusion steps, Philox noise
+py::tuple philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0, uint32_t k1) {
+  const gk::Philox4x32Result r = gk::philox4x32_10(c0, c1, c2, c3, k0, k1);
+  return py::make_tuple(r.v[0], r.v[1], r.v[2], r.v[3]);
+}
+
+void gaussian_noise(int device, int dtype, uintptr_t out, int64_t n, uint64_t seed, uint64_t offset,
+                    uintptr_t stream, int num_threads) {
+  const Device dev = device_of(device);
+  require(n >= 0, "gaussian_noise: negative size");
+  require(num_threads >= 1, "gaussian_noise: num_threads must be >= 1");
+  if (n == 0) return;
+  require(out != 0, "gaussian_noise: null pointer");
+  void* s = as_ptr<void>(stream);
+  GK_DISPATCH_DTYPE(dtype, T,
+    run_on(dev, "gaussian_noise",
+      [&] { GK_CPU_DISPATCH(gaussian_noise<T>, as_ptr<T>(out), n, seed, offset, num_threads); },
+      [&] { return GK_WITH_CUDA ? gk::cuda::gaussian_noise<T>(as_ptr<T>(out), n, seed, offset, s) : 0; },
+      [&] { return GK_WITH_EMU ? gk::cuda_emu::gaussian_noise<T>(as_ptr<T>(out), n, seed, offset, s) : 0; }));
+}
+
+// The per-step scalars (px, pm, pz, cx, cm, c0, ch, cz, clip) of csrc/core/diffusion_coeffs.h.
+py::tuple diffusion_step_coeffs(int sampler, int prediction, double alpha_prod_t, double alpha_prod_prev, double eta,
+                                bool use_clipped_model_output, bool variance_large, bool add_noise, double clip,
+                                double sigma_prev, double sigma, double sigma_next, double gamma, double s_noise,
+                                int order, bool sde, bool flow_sigmas) {
+  gk::StepScalars in;
+  in.alpha_prod_t = alpha_prod_t, in.alpha_prod_prev = alpha_prod_prev, in.eta = eta;
+  in.use_clipped_model_output = use_clipped_model_output, in.variance_large = variance_large;
+  in.add_noise = add_noise, in.clip = clip;
+  in.sigma_prev = sigma_prev, in.sigma = sigma, in.sigma_next = sigma_next, in.gamma = gamma, in.s_noise = s_noise;
+  in.order = order, in.sde = sde, in.flow_sigmas = flow_sigmas;
+  const gk::StepCoeffs k = gk::step_coeffs(sampler, prediction, in);
+  return py::make_tuple(k.px, k.pm, k.pz, k.cx, k.cm, k.c0, k.ch, k.cz, k.clip);
+}
+
+// One fused step over n contiguous elements; see csrc/core/diffusion_step.h.
+void diffusion_step(int device, int dtype, int64_t n, uintptr_t model_uncond, uintptr_t model_cond, double guidance,
+                    uintptr_t sample, uintptr_t history, uintptr_t noise, uintptr_t prev_sample,
+                    uintptr_t pred_original, double px, double pm, double pz, double cx, double cm, double c0,
+                    double ch, double cz, double clip, uint64_t seed, uint64_t offset, uintptr_t stream,
+                    int num_threads) {
+  const Device dev = device_of(device);
+  require(n >= 0, "diffusion_step: negative size");
+  require(num_threads >= 1, "diffusion_step: num_threads must be >= 1");
+  gk::DiffusionStepParams p;
+  p.n = n;
+  p.model_uncond = as_ptr<const void>(model_uncond);
+  p.model_cond = as_ptr<const void>(model_cond);
+  p.sample = as_ptr<const void>(sample);
+  p.history = as_ptr<const void>(history);
+  p.noise = as_ptr<const void>(noise);
+  p.prev_sample = as_ptr<void>(prev_sample);
+  p.pred_original = as_ptr<void>(pred_original);
+  p.guidance = float(guidance);
+  gk::StepCoeffs k;
+  k.px = px, k.pm = pm, k.pz = pz, k.cx = cx, k.cm = cm, k.c0 = c0, k.ch = ch, k.cz = cz, k.clip = clip;
+  p.set_coeffs(k);
+  p.seed = seed, p.offset = offset;
+  if (n == 0) return;
+  require(p.model_uncond && p.sample && p.prev_sample, "diffusion_step: null pointer");
+  require(p.ch == 0.f || p.history, "diffusion_step: the update uses the history but none was given");
+  void* s = as_ptr<void>(stream);
+  GK_DISPATCH_DTYPE(dtype, T,
+    run_on(dev, "diffusion_step",
+      [&] { GK_CPU_DISPATCH(diffusion_step<T>, p, num_threads); },
+      [&] { return GK_WITH_CUDA ? gk::cuda::diffusion_step<T>(p, s) : 0; },
+      [&] { return GK_WITH_EMU ? gk::cuda_emu::diffusion_step<T>(p, s) : 0; }));
+}
+
 // ------------------------------------------------------------------ runtime information
 py::dict build_info() {
   py::dict d;
@@ -143,4 +439,17 @@ PYBIND11_MODULE(_C, m) {
   m.def("cuda_device_count", &cuda_device_count, "(count, reason when 0)");
   m.def("reload_cpu_isa", &gk::cpu::set_isa_from_env, "re-read GK_CPU_ISA");
   m.def("merge_attention_states", &merge_attention_states, py::call_guard<py::gil_scoped_release>());
+  m.def("flash_attention", &flash_attention, py::call_guard<py::gil_scoped_release>());
+  m.def("decode_attention", &decode_attention, py::call_guard<py::gil_scoped_release>());
+  m.def("append_kv_cache", &append_kv_cache, py::call_guard<py::gil_scoped_release>());
+  m.def("apply_rotary", &apply_rotary, py::call_guard<py::gil_scoped_release>());
+  m.def("philox4x32_10", &philox4x32_10, "Philox4x32-10 of (counter[4], key[2]) (known-answer tests)");
+  m.def("gaussian_noise", &gaussian_noise, py::call_guard<py::gil_scoped_release>());
+  m.def("diffusion_step_coeffs", &diffusion_step_coeffs, py::arg("sampler"), py::arg("prediction"),
+        py::arg("alpha_prod_t") = 0.0, py::arg("alpha_prod_prev") = 0.0, py::arg("eta") = 0.0,
+        py::arg("use_clipped_model_output") = false, py::arg("variance_large") = false, py::arg("add_noise") = false,
+        py::arg("clip") = 0.0, py::arg("sigma_prev") = 0.0, py::arg("sigma") = 0.0, py::arg("sigma_next") = 0.0,
+        py::arg("gamma") = 0.0, py::arg("s_noise") = 1.0, py::arg("order") = 1, py::arg("sde") = false,
+        py::arg("flow_sigmas") = false);
+  m.def("diffusion_step", &diffusion_step, py::call_guard<py::gil_scoped_release>());
 }

@@ -53,6 +53,57 @@ inline VecF fmadd(VecF a, VecF b, VecF c) { return {_mm512_fmadd_ps(a.v, b.v, c.
 inline VecF max(VecF a, VecF b) { return {_mm512_max_ps(a.v, b.v)}; }
 inline float reduce_add(VecF a) { return _mm512_reduce_add_ps(a.v); }
 inline float reduce_max(VecF a) { return _mm512_reduce_max_ps(a.v); }
+inline VecF operator-(VecF a, VecF b) { return {_mm512_sub_ps(a.v, b.v)}; }
+inline VecF operator/(VecF a, VecF b) { return {_mm512_div_ps(a.v, b.v)}; }
+inline VecF min(VecF a, VecF b) { return {_mm512_min_ps(a.v, b.v)}; }
+inline VecF vabs(VecF a) { return {_mm512_abs_ps(a.v)}; }
+// a < b ? x : y per lane (y where either of a, b is NaN).
+inline VecF select_lt(VecF a, VecF b, VecF x, VecF y) {
+  return {_mm512_mask_blend_ps(_mm512_cmp_ps_mask(a.v, b.v, _CMP_LT_OQ), y.v, x.v)};
+}
+inline VecF round_nearest(VecF a) { return {_mm512_roundscale_ps(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)}; }
+// x * 2^n for integral n with |n| <= 127.
+inline VecF scale_pow2(VecF x, VecF n) { return {_mm512_scalef_ps(x.v, n.v)}; }
+// The first n < kWidth lanes of p (the others 0), and their store: head-dim tails.
+inline VecF load_first(const float* p, int n) { return {_mm512_maskz_loadu_ps(__mmask16((1u << n) - 1), p)}; }
+inline VecF load_first(const fp16_t* p, int n) {
+  return {_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(__mmask16((1u << n) - 1), p))};
+}
+inline VecF load_first(const bf16_t* p, int n) {
+  const __m512i w = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(__mmask16((1u << n) - 1), p));
+  return {_mm512_castsi512_ps(_mm512_slli_epi32(w, 16))};
+}
+template <class T> inline void store_first(VecF x, T* p, int n) {
+  alignas(64) T tmp[VecF::kWidth];
+  x.store(tmp);
+  for (int i = 0; i < n; ++i) p[i] = tmp[i];
+}
+template <> inline void store_first(VecF x, float* p, int n) { _mm512_mask_storeu_ps(p, __mmask16((1u << n) - 1), x.v); }
+
+// bf16 dot products (AVX512-BF16 VDPBF16PS): `a` and `b` hold 16 pairs of bf16; lane l of the
+// result is acc[l] + a[2l] * b[2l] + a[2l+1] * b[2l+1], with fp32 accumulation. Like the
+// instruction, treats bf16 denormal inputs as zero.
+struct VecBF16Pairs {
+  __m512i v;
+  static VecBF16Pairs load(const void* p) { return {_mm512_loadu_si512(p)}; }
+  // One pair (32 bits) repeated in every lane.
+  static VecBF16Pairs broadcast(const void* pair) {
+    uint32_t u;
+    std::memcpy(&u, pair, 4);
+    return {_mm512_set1_epi32(int(u))};
+  }
+  // Lane l = (bf16(lo[l]), bf16(hi[l])), rounded to nearest even (denormals flushed).
+  static VecBF16Pairs interleave(VecF lo, VecF hi) {
+    const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(hi.v, lo.v);  // lo in words 0..15, hi in 16..31
+    const __m512i idx = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
+                                         23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    return {_mm512_permutexvar_epi16(idx, both)};
+  }
+  void store(void* p) const { _mm512_storeu_si512(p, v); }
+};
+inline VecF dot_bf16_pairs(VecBF16Pairs a, VecBF16Pairs b, VecF acc) {
+  return {_mm512_dpbf16_ps(acc.v, (__m512bh)a.v, (__m512bh)b.v)};
+}
 
 #elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define GK_SIMD_AVX2 1
@@ -101,6 +152,18 @@ inline float reduce_max(VecF a) {
   s = _mm_max_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
 }
+inline VecF operator-(VecF a, VecF b) { return {_mm256_sub_ps(a.v, b.v)}; }
+inline VecF operator/(VecF a, VecF b) { return {_mm256_div_ps(a.v, b.v)}; }
+inline VecF min(VecF a, VecF b) { return {_mm256_min_ps(a.v, b.v)}; }
+inline VecF vabs(VecF a) { return {_mm256_andnot_ps(_mm256_set1_ps(-0.f), a.v)}; }
+// a < b ? x : y per lane (y where either of a, b is NaN).
+inline VecF select_lt(VecF a, VecF b, VecF x, VecF y) { return {_mm256_blendv_ps(y.v, x.v, _mm256_cmp_ps(a.v, b.v, _CMP_LT_OQ))}; }
+inline VecF round_nearest(VecF a) { return {_mm256_round_ps(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)}; }
+// x * 2^n for integral n in [-126, 127] (builds 2^n in the exponent field).
+inline VecF scale_pow2(VecF x, VecF n) {
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n.v), _mm256_set1_epi32(127)), 23);
+  return {_mm256_mul_ps(x.v, _mm256_castsi256_ps(e))};
+}
 
 #else
 // Portable fallback (x86-64 baseline, NEON through the compiler's auto-vectoriser): a small
@@ -121,6 +184,67 @@ inline VecF fmadd(VecF a, VecF b, VecF c) { for (int i = 0; i < VecF::kWidth; ++
 inline VecF max(VecF a, VecF b) { for (int i = 0; i < VecF::kWidth; ++i) a.v[i] = a.v[i] > b.v[i] ? a.v[i] : b.v[i]; return a; }
 inline float reduce_add(VecF a) { float s = 0.f; for (float e : a.v) s += e; return s; }
 inline float reduce_max(VecF a) { float s = a.v[0]; for (float e : a.v) s = e > s ? e : s; return s; }
+inline VecF operator-(VecF a, VecF b) { for (int i = 0; i < VecF::kWidth; ++i) a.v[i] -= b.v[i]; return a; }
+inline VecF operator/(VecF a, VecF b) { for (int i = 0; i < VecF::kWidth; ++i) a.v[i] /= b.v[i]; return a; }
+inline VecF min(VecF a, VecF b) { for (int i = 0; i < VecF::kWidth; ++i) a.v[i] = a.v[i] < b.v[i] ? a.v[i] : b.v[i]; return a; }
+inline VecF vabs(VecF a) { for (float& e : a.v) e = e < 0.f ? -e : e; return a; }
+inline VecF select_lt(VecF a, VecF b, VecF x, VecF y) { for (int i = 0; i < VecF::kWidth; ++i) y.v[i] = a.v[i] < b.v[i] ? x.v[i] : y.v[i]; return y; }
+inline VecF round_nearest(VecF a) { for (float& e : a.v) e = __builtin_nearbyintf(e); return a; }
+inline VecF scale_pow2(VecF x, VecF n) { for (int i = 0; i < VecF::kWidth; ++i) x.v[i] = __builtin_ldexpf(x.v[i], int(n.v[i])); return x; }
 #endif
+
+#if !defined(GK_SIMD_AVX512)
+// The first n < kWidth lanes of p (the others 0), and their store (AVX-512 has masked versions).
+template <class T> inline VecF load_first(const T* p, int n) {
+  alignas(64) T tmp[VecF::kWidth] = {};
+  for (int i = 0; i < n; ++i) tmp[i] = p[i];
+  return VecF::load(tmp);
+}
+template <class T> inline void store_first(VecF x, T* p, int n) {
+  alignas(64) T tmp[VecF::kWidth];
+  x.store(tmp);
+  for (int i = 0; i < n; ++i) p[i] = tmp[i];
+}
+#endif
+
+// exp(x) on every lane: x = n ln2 + r with |r| <= ln2 / 2 (two-constant Cody-Waite split),
+// exp(r) by a degree-6 polynomial fitted for relative error, times 2^n: about 1 ulp.
+// Results below FLT_MIN (x < -87.33), exp(-inf) included, are exactly 0, so masked scores weigh
+// nothing; NaN stays NaN; x above 88.3 saturates at exp(88.3) (attention only takes exp of
+// values <= 0).
+inline VecF vexp(VecF x) {
+  constexpr float kLog2e = 1.44269504088896341f, kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
+  constexpr float kMin = -87.33f, kMax = 88.3f;
+  // max(lo, x) keeps a NaN x (the second operand wins on NaN)
+  const VecF xc = min(VecF::set1(kMax), max(VecF::set1(-87.5f), x));
+  const VecF n = round_nearest(xc * VecF::set1(kLog2e));
+  VecF r = fmadd(n, VecF::set1(-kLn2Hi), xc);
+  r = fmadd(n, VecF::set1(-kLn2Lo), r);
+  VecF p = VecF::set1(0.0013836867874488235f);
+  p = fmadd(p, r, VecF::set1(0.008374803699553013f));
+  p = fmadd(p, r, VecF::set1(0.04166822507977486f));
+  p = fmadd(p, r, VecF::set1(0.16666419804096222f));
+  p = fmadd(p, r, VecF::set1(0.49999991059303284f));
+  p = fmadd(p, r, VecF::set1(1.f));
+  p = fmadd(p, r, VecF::set1(1.f));
+  return select_lt(x, VecF::set1(kMin), VecF::zero(), scale_pow2(p, n));
+}
+
+// tanh(x) on every lane, about 1 ulp: an odd polynomial fitted for relative error below 0.625
+// (where 1 - 2 / (e^2x + 1) would cancel), that formula above; exactly +-1 beyond 9.
+inline VecF vtanh(VecF x) {
+  const VecF ax = vabs(x), x2 = x * x;
+  VecF p = VecF::set1(-0.005660330411046743f);
+  p = fmadd(p, x2, VecF::set1(0.02059129625558853f));
+  p = fmadd(p, x2, VecF::set1(-0.05372116342186928f));
+  p = fmadd(p, x2, VecF::set1(0.13331128656864166f));
+  p = fmadd(p, x2, VecF::set1(-0.3333325982093811f));
+  p = fmadd(p, x2, VecF::set1(1.f));
+  const VecF small = p * x;
+  const VecF t = vexp(min(ax, VecF::set1(9.f)) * VecF::set1(2.f));
+  const VecF big = VecF::set1(1.f) - VecF::set1(2.f) / (t + VecF::set1(1.f));
+  const VecF signed_big = select_lt(x, VecF::zero(), VecF::zero() - big, big);
+  return select_lt(ax, VecF::set1(0.625f), small, signed_big);
+}
 
 }  // namespace gk::cpu

@@ -69,3 +69,23 @@ def check_same_dtype(**tensors: torch.Tensor) -> torch.dtype:
         if t.dtype != dt:
             raise TypeError(f"{n} has dtype {t.dtype} but {items[0][0]} has {dt}; they must match")
     return dt
+
+
+def _span(t: torch.Tensor) -> tuple[int, int]:
+    """[first byte, last byte + 1) that a strided tensor can touch."""
+    if t.numel() == 0:
+        return (0, 0)
+    lo = hi = t.data_ptr()
+    for size, stride in zip(t.shape, t.stride()):
+        ext = (size - 1) * stride * t.element_size()
+        lo, hi = (lo + ext, hi) if ext < 0 else (lo, hi + ext)
+    return lo, hi + t.element_size()
+
+
+def check_no_overlap(name: str, t: torch.Tensor, **inputs: torch.Tensor) -> None:
+    """An output buffer must not share memory with an input (the result would be garbage)."""
+    a0, a1 = _span(t)
+    for other_name, o in inputs.items():
+        b0, b1 = _span(o)
+        if a0 < b1 and b0 < a1 and a1 > a0 and b1 > b0:
+            raise ValueError(f"{name} overlaps the memory of {other_name}; pass a separate buffer")

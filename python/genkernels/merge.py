@@ -16,11 +16,25 @@ from __future__ import annotations
 import torch
 
 from . import _native
-from ._checks import FLOAT_DTYPES, check_same_device, check_same_dtype, check_shape, check_tensor, require_tensors
+from ._checks import (
+    FLOAT_DTYPES,
+    check_no_overlap,
+    check_same_device,
+    check_same_dtype,
+    check_shape,
+    check_tensor,
+    require_tensors,
+)
 
 
 def merge_attention_states(
-    out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
+    out_a: torch.Tensor,
+    lse_a: torch.Tensor,
+    out_b: torch.Tensor,
+    lse_b: torch.Tensor,
+    *,
+    out: torch.Tensor | None = None,
+    lse_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Merges two partial attention states.
 
@@ -29,20 +43,33 @@ def merge_attention_states(
             dtype; any strides with a contiguous last dimension.
         lse_a, lse_b: ``(batch, heads, seqlen)`` float32 natural-log log-sum-exp.
 
+        out, lse_out: optional preallocated contiguous outputs (written in place and returned),
+            for loops that should not allocate; they must not overlap the inputs.
+
     Returns:
         ``(out, lse)``: ``out`` contiguous ``(batch, seqlen, heads, head_dim)`` in the input dtype
         (accumulated in float32), ``lse`` float32 ``(batch, heads, seqlen)``.
     """
     require_tensors(out_a=out_a, lse_a=lse_a, out_b=out_b, lse_b=lse_b)
-    return torch.ops.genkernels.merge_attention_states(out_a, lse_a, out_b, lse_b)
+    if out is None and lse_out is None:
+        return torch.ops.genkernels.merge_attention_states(out_a, lse_a, out_b, lse_b)
+    out, lse_out = _fill_missing(out_a, out, lse_out)
+    torch.ops.genkernels.merge_attention_states_out(out_a, lse_a, out_b, lse_b, out, lse_out)
+    return out, lse_out
 
 
-def merge_attention_states_n(outs: torch.Tensor, lses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def merge_attention_states_n(
+    outs: torch.Tensor, lses: torch.Tensor, *, out: torch.Tensor | None = None, lse_out: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Merges ``N`` stacked partial states: ``outs`` ``(N, batch, seqlen, heads, head_dim)`` and
-    ``lses`` ``(N, batch, heads, seqlen)`` float32. Same semantics and outputs as
-    :func:`merge_attention_states`."""
+    ``lses`` ``(N, batch, heads, seqlen)`` float32. Same semantics, outputs and ``out=`` /
+    ``lse_out=`` as :func:`merge_attention_states`."""
     require_tensors(outs=outs, lses=lses)
-    return torch.ops.genkernels.merge_attention_states_n(outs, lses)
+    if out is None and lse_out is None:
+        return torch.ops.genkernels.merge_attention_states_n(outs, lses)
+    out, lse_out = _fill_missing(outs, out, lse_out)
+    torch.ops.genkernels.merge_attention_states_n_out(outs, lses, out, lse_out)
+    return out, lse_out
 
 
 # ------------------------------------------------------------------ implementation
@@ -76,8 +103,35 @@ def _empty_outputs(out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     )
 
 
-def _launch(first_out, first_lse, rest_out, rest_lse, n, out_pstride, lse_pstride, rest_out_st, rest_lse_st):
-    dst_out, dst_lse = _empty_outputs(first_out)
+def _fill_missing(partial, out, lse_out):
+    if out is not None and lse_out is not None:
+        return out, lse_out
+    new_out, new_lse = _empty_outputs(partial)
+    return (new_out if out is None else out), (new_lse if lse_out is None else lse_out)
+
+
+def _check_destination(partial, out, lse_out) -> None:
+    b, s, h, d = partial.shape[-4:]
+    check_tensor("out", out, ndim=4, contiguous=True)
+    check_tensor("lse_out", lse_out, ndim=3, dtypes=(torch.float32,), contiguous=True)
+    check_shape("out", out, (b, s, h, d), "(batch, seqlen, heads, head_dim) of the partials")
+    check_shape("lse_out", lse_out, (b, h, s), "(batch, heads, seqlen)")
+    if out.dtype != partial.dtype:
+        raise TypeError(f"out has dtype {out.dtype} but the partial outputs have {partial.dtype}; they must match")
+    check_same_device(partials=partial, out=out, lse_out=lse_out)
+
+
+def _check_no_overlap(out, lse_out, **inputs) -> None:
+    # real tensors only: fake tensors under torch.compile have no memory to compare
+    for name, t in (("out", out), ("lse_out", lse_out)):
+        check_no_overlap(name, t, **inputs)
+    check_no_overlap("out", out, lse_out=lse_out)
+
+
+def _launch(first_out, first_lse, rest_out, rest_lse, n, out_pstride, lse_pstride, rest_out_st, rest_lse_st,
+            dst_out=None, dst_lse=None):  # fmt: skip
+    if dst_out is None:
+        dst_out, dst_lse = _empty_outputs(first_out)
     b, s, h, d = first_out.shape
     fo, fl = first_out.stride(), first_lse.stride()
     _native._C.merge_attention_states(
@@ -90,10 +144,22 @@ def _launch(first_out, first_lse, rest_out, rest_lse, n, out_pstride, lse_pstrid
     return dst_out, dst_lse
 
 
-def merge_pair_impl(out_a, lse_a, out_b, lse_b):
+def merge_pair_impl(out_a, lse_a, out_b, lse_b, dst_out=None, dst_lse=None):
     _validate_pair(out_a, lse_a, out_b, lse_b)
     ob, lb = out_b.stride(), lse_b.stride()
-    return _launch(out_a, lse_a, out_b.data_ptr(), lse_b.data_ptr(), 2, 0, 0, ob[:3], lb[:3])
+    return _launch(out_a, lse_a, out_b.data_ptr(), lse_b.data_ptr(), 2, 0, 0, ob[:3], lb[:3], dst_out, dst_lse)
+
+
+def merge_pair_out_impl(out_a, lse_a, out_b, lse_b, out, lse_out) -> None:
+    _validate_pair(out_a, lse_a, out_b, lse_b)
+    _check_destination(out_a, out, lse_out)
+    _check_no_overlap(out, lse_out, out_a=out_a, lse_a=lse_a, out_b=out_b, lse_b=lse_b)
+    merge_pair_impl(out_a, lse_a, out_b, lse_b, out, lse_out)
+
+
+def merge_pair_out_fake(out_a, lse_a, out_b, lse_b, out, lse_out) -> None:
+    _validate_pair(out_a, lse_a, out_b, lse_b)
+    _check_destination(out_a, out, lse_out)
 
 
 def merge_pair_fake(out_a, lse_a, out_b, lse_b):
@@ -101,13 +167,26 @@ def merge_pair_fake(out_a, lse_a, out_b, lse_b):
     return _empty_outputs(out_a)
 
 
-def merge_stacked_impl(outs, lses):
+def merge_stacked_impl(outs, lses, dst_out=None, dst_lse=None):
     _validate_stacked(outs, lses)
     n = outs.shape[0]
     if n == 1:  # still a kernel call: it normalises an empty state to 0 and makes a copy
-        return _launch(outs[0], lses[0], 0, 0, 1, 0, 0, (0, 0, 0), (0, 0, 0))
+        return _launch(outs[0], lses[0], 0, 0, 1, 0, 0, (0, 0, 0), (0, 0, 0), dst_out, dst_lse)
     so, sl = outs.stride(), lses.stride()
-    return _launch(outs[0], lses[0], outs[1].data_ptr(), lses[1].data_ptr(), n, so[0], sl[0], so[1:4], sl[1:4])
+    return _launch(outs[0], lses[0], outs[1].data_ptr(), lses[1].data_ptr(), n, so[0], sl[0], so[1:4], sl[1:4],
+                   dst_out, dst_lse)  # fmt: skip
+
+
+def merge_stacked_out_impl(outs, lses, out, lse_out) -> None:
+    _validate_stacked(outs, lses)
+    _check_destination(outs, out, lse_out)
+    _check_no_overlap(out, lse_out, outs=outs, lses=lses)
+    merge_stacked_impl(outs, lses, out, lse_out)
+
+
+def merge_stacked_out_fake(outs, lses, out, lse_out) -> None:
+    _validate_stacked(outs, lses)
+    _check_destination(outs, out, lse_out)
 
 
 def merge_stacked_fake(outs, lses):

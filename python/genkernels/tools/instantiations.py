@@ -18,6 +18,13 @@ from pathlib import Path
 
 # C++ element type of each dtype name used in the table.
 CXX_TYPE = {"fp32": "float", "fp16": "gk::fp16_t", "bf16": "gk::bf16_t"}
+# Head dims with a decode-attention kernel (csrc/cuda/decode_attention.cuh, GK_DECODE_HEAD_DIMS
+# must list the same); the Python API rejects other head dims on CUDA.
+DECODE_HEAD_DIMS = (64, 128, 256)
+# Head dims with a flash-attention (prefill) kernel, fp16 and bf16 (csrc/cuda/flash_attention.cuh,
+# GK_FLASH_HEAD_DIMS must list the same); the Python API rejects other head dims on CUDA.
+FLASH_HEAD_DIMS = (32, 64, 96, 128, 256)
+FLASH_DTYPES = ("fp16", "bf16")
 
 
 @dataclass(frozen=True)
@@ -57,6 +64,62 @@ def table() -> list[Instantiation]:
                 name=f"merge_attention_states_{dt}",
                 header="cuda/merge_attention_states.cuh",
                 declaration=f"template int merge_attention_states<{cxx}>(const MergeStatesParams&, void*);",
+            )
+        )
+    for dt, cxx in CXX_TYPE.items():
+        rows.append(
+            Instantiation(
+                name=f"diffusion_step_{dt}",
+                header="cuda/diffusion_step.cuh",
+                declaration=f"template int diffusion_step<{cxx}>(const DiffusionStepParams&, void*);",
+            )
+        )
+        rows.append(
+            Instantiation(
+                name=f"gaussian_noise_{dt}",
+                header="cuda/diffusion_step.cuh",
+                declaration=f"template int gaussian_noise<{cxx}>({cxx}*, int64_t, uint64_t, uint64_t, void*);",
+            )
+        )
+    for dt, cxx in CXX_TYPE.items():
+        for hd in DECODE_HEAD_DIMS:
+            rows.append(
+                Instantiation(
+                    name=f"decode_attention_{dt}_hd{hd}",
+                    header="cuda/decode_attention.cuh",
+                    declaration=f"template int decode_attention_hd<{cxx}, {hd}>(const DecodeParams&, void*);",
+                )
+            )
+        rows.append(
+            Instantiation(
+                name=f"decode_attention_{dt}",
+                header="cuda/decode_attention.cuh",
+                declaration=f"template int decode_attention<{cxx}>(const DecodeParams&, void*);",
+            )
+        )
+        for op, params in (("append_kv_cache", "AppendKVParams"), ("apply_rotary", "RotaryParams")):
+            rows.append(
+                Instantiation(
+                    name=f"{op}_{dt}",
+                    header="cuda/kv_append.cuh",
+                    declaration=f"template int {op}<{cxx}>(const {params}&, void*);",
+                )
+            )
+    for dt, cxx in CXX_TYPE.items():
+        if dt in FLASH_DTYPES:
+            for hd in FLASH_HEAD_DIMS:
+                rows.append(
+                    Instantiation(
+                        name=f"flash_attention_{dt}_hd{hd}",
+                        header="cuda/flash_attention.cuh",
+                        declaration=f"template int flash_attention_hd<{cxx}, {hd}>(const FlashParams&, void*);",
+                    )
+                )
+        rows.append(  # the head-dim dispatcher (for fp32: a clear error, no kernel)
+            Instantiation(
+                name=f"flash_attention_{dt}",
+                header="cuda/flash_attention.cuh",
+                declaration=f"template int flash_attention<{cxx}>(const FlashParams&, void*);",
             )
         )
     return rows

@@ -1,0 +1,298 @@
+// CPU kernel: KV-cache decode attention (contiguous or paged cache, GQA-packed, split-KV).
+//
+// Work item: one (batch, kv head, split). Its rows are all seqlen_q x group query heads that
+// share the kv head, so each cache element is read from memory once per call (GQA packing).
+// Keys stream in tiles of kTile: the tile's row pointers are looked up once (page table hoisted
+// out of every inner loop), fp16/bf16 rows are converted once into an fp32 tile in L1, then
+// scores (SIMD dot products, 4 keys per pass), the online softmax of csrc/core (SoftmaxStats,
+// vector exp) and the P.V accumulation (fp32, register blocks of 4 vectors) reuse that tile.
+// Traffic: the visible part of K and V once, q and out once. Split-KV writes fp32 partials
+// (normalised output + log-sum-exp) that a second pass combines with SoftmaxStats, exactly as
+// the merge op does. OpenMP over the work items; compiled once per ISA level.
+#include <algorithm>
+#include <cmath>
+#include <vector>
+#include "core/decode_params.h"
+#include "core/softmax_state.h"
+#include "cpu/kernels.h"
+#include "cpu/simd.h"
+
+namespace gk::cpu::GK_CPU_ISA_NS {
+
+namespace {
+
+constexpr int kTile = 16;  // keys per tile: one AVX-512 vector of scores per row
+constexpr int W = VecF::kWidth;
+
+// x[i] = exp(x[i]) for kTile entries; exp(-inf) = 0 exactly (masked keys weigh nothing).
+inline void exp_tile(float* x) {
+#if defined(GK_SIMD_AVX512)
+  // exp(x) = 2^n * exp(r), n = round(x / ln2), |r| <= ln2 / 2, degree-6 polynomial (rel. error
+  // ~2e-7, below fp32 accumulation noise); inputs below -87.3 underflow to exactly 0.
+  const __m512 v = _mm512_loadu_ps(x);
+  const __m512 xc = _mm512_max_ps(v, _mm512_set1_ps(-87.3f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), xc);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  __m512 e = _mm512_scalef_ps(p, n);
+  e = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(v, _mm512_set1_ps(-87.3f), _CMP_GE_OQ), e);
+  // NaN scores stay NaN
+  e = _mm512_mask_mov_ps(e, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), v);
+  _mm512_storeu_ps(x, e);
+#else
+  for (int j = 0; j < kTile; ++j) x[j] = expf(x[j]);
+#endif
+}
+
+inline float max_tile(const float* x) {
+#if defined(GK_SIMD_AVX512)
+  return _mm512_reduce_max_ps(_mm512_loadu_ps(x));
+#else
+  float m = x[0];
+  for (int j = 1; j < kTile; ++j) m = x[j] > m ? x[j] : m;
+  return m;
+#endif
+}
+
+inline float sum_tile(const float* x) {
+  float s = 0.f;
+  for (int j = 0; j < kTile; j += W) s += reduce_add(VecF::load(x + j));
+  return s;
+}
+
+// Converts n elements to fp32, zero-padding to `padded` (a multiple of W).
+template <class T>
+inline void load_row_f32(const T* src, float* dst, int64_t n, int64_t padded) {
+  int64_t d = 0;
+  for (; d + W <= n; d += W) VecF::load(src + d).store(dst + d);
+  for (; d < n; ++d) dst[d] = to_float(src[d]);
+  for (; d < padded; ++d) dst[d] = 0.f;
+}
+
+// Per-thread scratch, allocated once per call and reused across work items.
+struct Scratch {
+  std::vector<float> q, acc, scores, kbuf, vbuf;
+  std::vector<SoftmaxStats> stats;
+  std::vector<int64_t> lo, hi;
+  Scratch(int64_t rows, int64_t dp)
+      : q(rows * dp), acc(rows * dp), scores(rows * kTile), kbuf(kTile * dp), vbuf(kTile * dp), stats(rows), lo(rows), hi(rows) {}
+};
+
+// Scores of 4 keys against one query row: 4 independent accumulators.
+inline void dot4(const float* q, const float* const* k, int64_t dp, float* out) {
+  VecF a0 = VecF::zero(), a1 = VecF::zero(), a2 = VecF::zero(), a3 = VecF::zero();
+  for (int64_t d = 0; d < dp; d += W) {
+    const VecF x = VecF::load(q + d);
+    a0 = fmadd(x, VecF::load(k[0] + d), a0);
+    a1 = fmadd(x, VecF::load(k[1] + d), a1);
+    a2 = fmadd(x, VecF::load(k[2] + d), a2);
+    a3 = fmadd(x, VecF::load(k[3] + d), a3);
+  }
+  out[0] = reduce_add(a0), out[1] = reduce_add(a1), out[2] = reduce_add(a2), out[3] = reduce_add(a3);
+}
+
+// acc[d] += sum_j p[j] * v[j][d] over the tile, register blocks of up to 4 vectors.
+inline void accumulate_pv(float* acc, const float* p, const float* const* v, int nkeys, int64_t dp) {
+  int64_t d = 0;
+  for (; d + 4 * W <= dp; d += 4 * W) {
+    VecF a0 = VecF::load(acc + d), a1 = VecF::load(acc + d + W), a2 = VecF::load(acc + d + 2 * W), a3 = VecF::load(acc + d + 3 * W);
+    for (int j = 0; j < nkeys; ++j) {
+      const VecF w = VecF::set1(p[j]);
+      const float* x = v[j] + d;
+      a0 = fmadd(w, VecF::load(x), a0);
+      a1 = fmadd(w, VecF::load(x + W), a1);
+      a2 = fmadd(w, VecF::load(x + 2 * W), a2);
+      a3 = fmadd(w, VecF::load(x + 3 * W), a3);
+    }
+    a0.store(acc + d), a1.store(acc + d + W), a2.store(acc + d + 2 * W), a3.store(acc + d + 3 * W);
+  }
+  for (; d < dp; d += W) {
+    VecF a = VecF::load(acc + d);
+    for (int j = 0; j < nkeys; ++j) a = fmadd(VecF::set1(p[j]), VecF::load(v[j] + d), a);
+    a.store(acc + d);
+  }
+}
+
+template <class T>
+void decode_work_item(const DecodeParams& p, Scratch& sc, int64_t b, int64_t kvh, int split) {
+  const int64_t D = p.head_dim, dp = (D + W - 1) / W * W, G = p.group(), Sq = p.seqlen_q, R = Sq * G;
+  const int64_t L = p.cache_seqlens[b];
+  const KeyRange split_keys = split_range(visible_keys_all_queries(p, L), split, p.num_splits,
+                                          p.paged() ? std::max<int64_t>(p.page_size, kTile) : kTile);
+  // fp32 caches with whole vectors are read in place; others go through the fp32 tile buffers
+  constexpr bool kDirect = std::is_same_v<T, float>;
+  const bool direct = kDirect && D % W == 0;
+
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t s = r / G, h = kvh * G + r % G;
+    const T* qrow = static_cast<const T*>(p.q) + b * p.q_stride[0] + s * p.q_stride[1] + h * p.q_stride[2];
+    load_row_f32(qrow, sc.q.data() + r * dp, D, dp);
+    std::fill_n(sc.acc.data() + r * dp, dp, 0.f);
+    sc.stats[r] = SoftmaxStats{};
+    const KeyRange kr = visible_keys(p, s, L);
+    sc.lo[r] = std::max(kr.lo, split_keys.lo), sc.hi[r] = std::min(kr.hi, split_keys.hi);
+  }
+  const T* kbase = static_cast<const T*>(p.k) + kvh * p.k_stride[2];
+  const T* vbase = static_cast<const T*>(p.v) + kvh * p.v_stride[2];
+  const float* kptr[kTile];
+  const float* vptr[kTile];
+
+  for (int64_t t0 = split_keys.lo; t0 < split_keys.hi; t0 += kTile) {
+    const int nk = int(std::min<int64_t>(kTile, split_keys.hi - t0));
+    // hoisted page lookups: one per key per tile, shared by every row and every element
+    for (int j = 0; j < nk; ++j) {
+      const int64_t t = t0 + j;
+      const T* krow = kbase + cache_token_offset(p.block_table, p.block_table_stride, p.page_size, p.k_stride, b, t);
+      const T* vrow = vbase + cache_token_offset(p.block_table, p.block_table_stride, p.page_size, p.v_stride, b, t);
+      if (direct) {
+        kptr[j] = reinterpret_cast<const float*>(krow), vptr[j] = reinterpret_cast<const float*>(vrow);
+      } else {
+        load_row_f32(krow, sc.kbuf.data() + j * dp, D, dp), load_row_f32(vrow, sc.vbuf.data() + j * dp, D, dp);
+        kptr[j] = sc.kbuf.data() + j * dp, vptr[j] = sc.vbuf.data() + j * dp;
+      }
+    }
+    for (int j = nk; j < kTile; ++j) kptr[j] = kptr[0], vptr[j] = vptr[0];  // padding keys, masked below
+
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t lo = sc.lo[r], hi = sc.hi[r];
+      if (hi <= t0 || lo >= t0 + nk) continue;  // no visible key of this row in the tile
+      float* srow = sc.scores.data() + r * kTile;
+      const float* qrow = sc.q.data() + r * dp;
+      for (int j = 0; j < kTile; j += 4) dot4(qrow, kptr + j, dp, srow + j);
+      const int64_t s = r / G, h = kvh * G + r % G;
+      const float slope = p.alibi_slopes ? p.alibi_slopes[b * p.alibi_batch_stride + h] : 0.f;
+      const int64_t pos = s + L - Sq;
+      for (int j = 0; j < kTile; ++j) {
+        const int64_t t = t0 + j;
+        srow[j] = (t >= lo && t < hi && j < nk) ? decode_score(srow[j], p.scale, p.softcap, slope, pos - t) : -INFINITY;
+      }
+      const float m_tile = max_tile(srow);
+      if (m_tile == -INFINITY) continue;  // every score -inf: the tile adds nothing to this row
+      for (int j = 0; j < kTile; ++j) srow[j] -= m_tile;
+      exp_tile(srow);
+      const MergeFactors f = sc.stats[r].merge(m_tile, sum_tile(srow));
+      float* acc = sc.acc.data() + r * dp;
+      if (f.self != 1.f)
+        for (int64_t d = 0; d < dp; d += W) (VecF::load(acc + d) * VecF::set1(f.self)).store(acc + d);
+      if (f.other != 1.f)
+        for (int j = 0; j < kTile; ++j) srow[j] *= f.other;
+      accumulate_pv(acc, srow, vptr, nk, dp);
+    }
+  }
+
+  // Finish: normalise and write the output, or the fp32 partial of this split.
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t s = r / G, h = kvh * G + r % G;
+    const float inv = sc.stats[r].inv_denominator(), lse = sc.stats[r].lse();
+    float* acc = sc.acc.data() + r * dp;
+    const int64_t row = (b * Sq + s) * p.heads_q + h;          // (batch, seqlen_q, heads_q)
+    const int64_t lse_idx = (b * p.heads_q + h) * Sq + s;     // (batch, heads_q, seqlen_q)
+    if (p.num_splits == 1) {
+      T* out = static_cast<T*>(p.out) + row * D;
+      int64_t d = 0;
+      for (; d + W <= D; d += W) (VecF::load(acc + d) * VecF::set1(inv)).store(out + d);
+      for (; d < D; ++d) out[d] = from_float<T>(acc[d] * inv);
+      if (p.lse) p.lse[lse_idx] = lse;
+    } else {
+      const int64_t rows = p.batch * Sq * p.heads_q;
+      float* out = p.partial_out + (split * rows + row) * D;
+      for (int64_t d = 0; d < D; ++d) out[d] = acc[d] * inv;
+      p.partial_lse[split * rows + lse_idx] = lse;
+    }
+  }
+}
+
+// Combines the fp32 split partials of one row (b, s, h) into the output, as the merge op does.
+template <class T>
+void combine_row(const DecodeParams& p, int64_t row, int64_t lse_idx) {
+  const int64_t D = p.head_dim, rows = p.batch * p.seqlen_q * p.heads_q;
+  SoftmaxStats stats;
+  for (int sp = 0; sp < p.num_splits; ++sp) stats.merge_partial(p.partial_lse[sp * rows + lse_idx]);
+  const float inv_d = stats.inv_denominator();
+  if (p.lse) p.lse[lse_idx] = stats.lse();
+  T* out = static_cast<T*>(p.out) + row * D;
+  int64_t d0 = 0;
+  for (; d0 + W <= D; d0 += W) {
+    VecF acc = VecF::zero();
+    for (int sp = 0; sp < p.num_splits; ++sp) {
+      const float lse = p.partial_lse[sp * rows + lse_idx];
+      if (lse == -INFINITY) continue;
+      acc = fmadd(VecF::set1(stats.partial_weight(lse, inv_d)), VecF::load(p.partial_out + (sp * rows + row) * D + d0), acc);
+    }
+    acc.store(out + d0);
+  }
+  for (; d0 < D; ++d0) {
+    float acc = 0.f;
+    for (int sp = 0; sp < p.num_splits; ++sp) {
+      const float lse = p.partial_lse[sp * rows + lse_idx];
+      if (lse == -INFINITY) continue;
+      acc += stats.partial_weight(lse, inv_d) * p.partial_out[(sp * rows + row) * D + d0];
+    }
+    out[d0] = from_float<T>(acc);
+  }
+}
+
+}  // namespace
+
+// Splits per (batch, kv head) when the caller passes 0: none when the work items already share
+// out evenly over the threads, otherwise about four items per thread, at least kMinSplitKeys
+// keys per split (below that the partial traffic and the combine cost more than they balance).
+int choose_num_splits(const DecodeParams& p, int num_threads) {
+  constexpr int64_t kMinSplitKeys = 512;
+  const int64_t items = p.batch * p.heads_kv;
+  if (items >= num_threads && items % num_threads == 0) return 1;
+  int64_t max_len = 0;
+  for (int64_t b = 0; b < p.batch; ++b) max_len = std::max<int64_t>(max_len, p.cache_seqlens[b]);
+  const int64_t by_balance = (4 * int64_t(num_threads) + items - 1) / items;
+  const int64_t by_length = std::max<int64_t>(1, max_len / kMinSplitKeys);
+  return int(std::max<int64_t>(1, std::min<int64_t>({by_balance, by_length, 64})));
+}
+
+template <class T>
+void decode_attention(const DecodeParams& params, int num_threads) {
+  DecodeParams p = params;
+  if (p.num_splits == 0) p.num_splits = choose_num_splits(p, num_threads);
+  // split-KV partials: fp32 scratch owned by this call unless the caller passed a workspace
+  std::vector<float> partial_out, partial_lse;
+  if (p.num_splits > 1 && !p.partial_out) {
+    const int64_t rows = p.batch * p.seqlen_q * p.heads_q;
+    partial_out.resize(size_t(p.num_splits * rows * p.head_dim));
+    partial_lse.resize(size_t(p.num_splits * rows));
+    p.partial_out = partial_out.data(), p.partial_lse = partial_lse.data();
+  }
+  const int64_t items = p.batch * p.heads_kv * p.num_splits;
+  const int64_t rows = p.seqlen_q * p.group(), dp = (p.head_dim + W - 1) / W * W;
+  const int threads = int(std::max<int64_t>(1, std::min<int64_t>(num_threads, items)));
+#pragma omp parallel num_threads(threads)
+  {
+    Scratch sc(rows, dp);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t i = 0; i < items; ++i) {
+      const int split = int(i % p.num_splits);
+      const int64_t bh = i / p.num_splits;
+      decode_work_item<T>(p, sc, bh / p.heads_kv, bh % p.heads_kv, split);
+    }
+    if (p.num_splits > 1) {
+      const int64_t out_rows = p.batch * p.seqlen_q * p.heads_q;
+#pragma omp for schedule(static)
+      for (int64_t row = 0; row < out_rows; ++row) {
+        const int64_t h = row % p.heads_q, s = (row / p.heads_q) % p.seqlen_q, b = row / (p.heads_q * p.seqlen_q);
+        combine_row<T>(p, row, (b * p.heads_q + h) * p.seqlen_q + s);
+      }
+    }
+  }
+}
+
+template void decode_attention<float>(const DecodeParams&, int);
+template void decode_attention<fp16_t>(const DecodeParams&, int);
+template void decode_attention<bf16_t>(const DecodeParams&, int);
+
+}  // namespace gk::cpu::GK_CPU_ISA_NS

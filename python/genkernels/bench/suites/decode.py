@@ -1,0 +1,73 @@
+"""KV-cache decode attention (issue 4): 32 query heads over 8 kv heads, head dim 128, one new
+token per sequence, cache lengths 1k-64k, batch 1 and 8, fp32 and bf16, contiguous and paged
+(page 16) caches. Baselines: ``scaled_dot_product_attention`` with ``enable_gqa=True``, and the
+faster PyTorch formulation that folds a group's query heads into the query axis. GB/s counts
+the cache read (K and V once), which dominates the traffic."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ... import decode
+from ..registry import Case, register
+
+SUITE = "decode"
+HEADS_Q, HEADS_KV, HEAD_DIM, PAGE = 32, 8, 128, 16
+LENGTHS = (1024, 4096, 16384, 65536)
+BATCHES = (1, 8)
+DTYPES = (torch.float32, torch.bfloat16)
+QUICK = {(1, 1024)}
+
+
+def _inputs(batch, length, dtype, paged):
+    def make(device, gen):
+        k = torch.randn((batch, length, HEADS_KV, HEAD_DIM), generator=gen).to(device=device, dtype=dtype)
+        v = torch.randn((batch, length, HEADS_KV, HEAD_DIM), generator=gen).to(device=device, dtype=dtype)
+        q = torch.randn((batch, 1, HEADS_Q, HEAD_DIM), generator=gen).to(device=device, dtype=dtype)
+        lens = torch.full((batch,), length, dtype=torch.int32, device=device)
+        table = None
+        if paged:  # the same logical cache scattered over shuffled pages
+            pages = batch * length // PAGE
+            table = torch.randperm(pages, generator=gen).to(device=device, dtype=torch.int32).view(batch, -1)
+            kp = torch.empty((pages, PAGE, HEADS_KV, HEAD_DIM), dtype=dtype, device=device)
+            vp = torch.empty_like(kp)
+            kp[table.view(-1).long()] = k.view(pages, PAGE, HEADS_KV, HEAD_DIM)
+            vp[table.view(-1).long()] = v.view(pages, PAGE, HEADS_KV, HEAD_DIM)
+            return q, kp, vp, lens, table, k, v
+        return q, k, v, lens, table, k, v
+
+    return make
+
+
+def _genkernels(q, k_cache, v_cache, lens, table, k, v):
+    return decode.decode_attention(q, k_cache, v_cache, lens, block_table=table)
+
+
+def sdpa_gqa(q, k_cache, v_cache, lens, table, k, v):
+    """PyTorch's GQA attention over the logical (contiguous) cache."""
+    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), enable_gqa=True)
+
+
+def sdpa_folded(q, k_cache, v_cache, lens, table, k, v):
+    """The group's query heads folded into the query axis: one (group x D) @ (D x L) per kv head."""
+    b, _, hq, d = q.shape
+    return F.scaled_dot_product_attention(q.view(b, HEADS_KV, hq // HEADS_KV, d), k.transpose(1, 2), v.transpose(1, 2))
+
+
+for dtype in DTYPES:
+    for batch in BATCHES:
+        for length in LENGTHS:
+            for paged in (False, True):
+                cache_bytes = 2 * batch * length * HEADS_KV * HEAD_DIM * (torch.finfo(dtype).bits // 8)
+                shape = f"({batch},1,{HEADS_Q},{HEAD_DIM}) kv{HEADS_KV}x{length}" + (f" page{PAGE}" if paged else "")
+                if batch * length > 8 * 16384:
+                    continue  # 8 x 64k: 4-8 GiB per input set, beyond this machine's memory with rotation
+                for op, label, baseline in (("decode_attention", "torch folded", sdpa_folded),
+                                            ("decode_attention_vs_sdpa_gqa", "sdpa enable_gqa", sdpa_gqa)):
+                    register(Case(
+                        suite=SUITE, op=op, shape=shape, dtype=dtype,
+                        make_inputs=_inputs(batch, length, dtype, paged), genkernels=_genkernels, baseline=baseline,
+                        baseline_label=label, bytes_moved=cache_bytes, flops=4 * batch * HEADS_Q * length * HEAD_DIM,
+                        bound="memory", size=length, quick=(batch, length) in QUICK and not paged,
+                        tags=("decode_attention",),
+                    ))  # fmt: skip

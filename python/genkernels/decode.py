@@ -1,0 +1,200 @@
+"""KV-cache decode attention: a few new query tokens per sequence against a long cache, contiguous
+or paged, with GQA packing and split-KV.
+
+Semantics follow FlashAttention's ``flash_attn_with_kvcache``: sequence ``b`` holds
+``cache_seqlens[b]`` keys, and query ``i`` of ``seqlen_q`` sits at position
+``i + cache_seqlens[b] - seqlen_q`` (bottom-right aligned causal mask and windows). A row that sees
+no key (e.g. an empty cache) gives output 0 and LSE ``-inf``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import _native
+from ._checks import FLOAT_DTYPES, check_same_device, check_same_dtype, check_shape, check_tensor
+from .tools.instantiations import DECODE_HEAD_DIMS
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    *,
+    block_table: torch.Tensor | None = None,
+    causal: bool = True,
+    window: tuple[int, int] = (-1, -1),
+    softmax_scale: float | None = None,
+    softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
+    num_splits: int = 0,
+    return_lse: bool = False,
+):
+    """Attention of ``q`` over the first ``cache_seqlens[b]`` keys of each sequence's cache.
+
+    Args:
+        q: ``(batch, seqlen_q, heads_q, head_dim)``, float32/float16/bfloat16, last dim contiguous.
+        k_cache, v_cache: contiguous cache ``(batch, capacity, heads_kv, head_dim)`` or, with
+            ``block_table``, paged cache ``(num_pages, page_size, heads_kv, head_dim)`` (page_size a
+            power of two); q's dtype; ``heads_q % heads_kv == 0`` (GQA/MQA).
+        cache_seqlens: int32 ``(batch,)``, each in ``[0, capacity]``.
+        block_table: int32 ``(batch, max_pages)``: page ``i`` of sequence ``b`` is
+            ``block_table[b, i]``; only the pages holding its ``cache_seqlens[b]`` tokens are read.
+        causal: bottom-right aligned causal mask (for ``seqlen_q > 1``).
+        window: ``(left, right)`` inclusive sliding window, -1 for unbounded.
+        softmax_scale: default ``head_dim ** -0.5``.
+        softcap: if > 0, scores become ``softcap * tanh(scores / softcap)``.
+        alibi_slopes: float32 ``(heads_q,)`` or ``(batch, heads_q)``: adds
+            ``-slope * |query position - key position|``.
+        num_splits: split-KV count; 0 picks one that fills the machine.
+        return_lse: also return the fp32 log-sum-exp ``(batch, heads_q, seqlen_q)``.
+
+    Returns:
+        ``out`` ``(batch, seqlen_q, heads_q, head_dim)`` in q's dtype, or ``(out, lse)``.
+    """
+    window_left, window_right = _check_window(window)
+    scale = _resolve_scale(softmax_scale, q)
+    out, lse = torch.ops.genkernels.decode_attention(
+        q, k_cache, v_cache, cache_seqlens, block_table, causal, window_left, window_right, scale,
+        float(softcap), alibi_slopes, int(num_splits),
+    )  # fmt: skip
+    return (out, lse) if return_lse else out
+
+
+# ------------------------------------------------------------------ validation
+def _check_window(window) -> tuple[int, int]:
+    if not (isinstance(window, (tuple, list)) and len(window) == 2 and all(isinstance(w, int) for w in window)):
+        raise TypeError(f"window must be a pair of ints (left, right), got {window!r}")
+    if window[0] < -1 or window[1] < -1:
+        raise ValueError(f"window entries must be >= -1 (-1: unbounded), got {tuple(window)}")
+    return int(window[0]), int(window[1])
+
+
+def _resolve_scale(softmax_scale, q) -> float:
+    if softmax_scale is None:
+        if not isinstance(q, torch.Tensor) or q.dim() < 1:
+            raise TypeError("q must be a torch.Tensor with a head_dim axis")
+        return q.shape[-1] ** -0.5
+    if not isinstance(softmax_scale, (int, float)) or not math.isfinite(softmax_scale):
+        raise TypeError(f"softmax_scale must be a finite float or None, got {softmax_scale!r}")
+    return float(softmax_scale)
+
+
+def check_cache(
+    k_cache, v_cache, cache_seqlens, block_table, batch: int, name_k: str = "k_cache", name_v: str = "v_cache"
+) -> tuple[int, int, int]:
+    """Checks a contiguous or paged cache pair; returns ``(capacity, page_size, num_pages)``
+    (page_size 0 and num_pages 0 for a contiguous cache)."""
+    check_tensor(name_k, k_cache, ndim=4, dtypes=FLOAT_DTYPES, last_dim_contiguous=True)
+    check_tensor(name_v, v_cache, ndim=4, dtypes=FLOAT_DTYPES, last_dim_contiguous=True)
+    check_shape(name_v, v_cache, k_cache.shape, f"the shape of {name_k}")
+    check_same_dtype(**{name_k: k_cache, name_v: v_cache})
+    check_tensor("cache_seqlens", cache_seqlens, ndim=1, dtypes=(torch.int32,), contiguous=True)
+    check_shape("cache_seqlens", cache_seqlens, (batch,), "(batch,)")
+    if block_table is None:
+        if k_cache.shape[0] != batch:
+            raise ValueError(
+                f"{name_k} has {k_cache.shape[0]} sequences but the batch is {batch} "
+                "(contiguous cache: (batch, capacity, heads_kv, head_dim); pass block_table for a paged cache)"
+            )
+        return k_cache.shape[1], 0, 0
+    check_tensor("block_table", block_table, ndim=2, dtypes=(torch.int32,), last_dim_contiguous=True)
+    if block_table.shape[0] != batch:
+        raise ValueError(f"block_table must have shape (batch={batch}, max_pages), got {tuple(block_table.shape)}")
+    page_size = k_cache.shape[1]
+    if page_size < 1 or page_size & (page_size - 1):
+        raise ValueError(f"page_size ({name_k}.shape[1]) must be a power of two, got {page_size}")
+    return block_table.shape[1] * page_size, page_size, k_cache.shape[0]
+
+
+def _max_rows_per_block(head_dim: int) -> int:
+    # DecodeTraits::kMaxRows in csrc/cuda/decode_attention.cuh
+    return 4 if head_dim >= 256 else 8
+
+
+def _cuda_num_splits(q, batch, heads_kv, rows, capacity, head_dim) -> int:
+    """Split count for the CUDA kernel: about two blocks per SM, at least 256 keys per split."""
+    if q.device.type == "cuda":
+        sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+    else:  # emulation: a small notional GPU keeps the emulated grid small
+        sms = 2
+    blocks = batch * heads_kv * -(-rows // _max_rows_per_block(head_dim))
+    return max(1, min(-(-2 * sms // max(blocks, 1)), -(-capacity // 256), 64))
+
+
+def _validate(q, k_cache, v_cache, cache_seqlens, block_table, window_left, window_right, softcap, alibi_slopes, num_splits):
+    check_tensor("q", q, ndim=4, dtypes=FLOAT_DTYPES, last_dim_contiguous=True)
+    batch, seqlen_q, heads_q, head_dim = q.shape
+    capacity, page_size, num_pages = check_cache(k_cache, v_cache, cache_seqlens, block_table, batch)
+    if k_cache.dtype != q.dtype:
+        raise TypeError(f"k_cache has dtype {k_cache.dtype} but q has {q.dtype}; they must match")
+    heads_kv = k_cache.shape[2]
+    if k_cache.shape[3] != head_dim:
+        raise ValueError(f"k_cache head_dim {k_cache.shape[3]} differs from q's {head_dim}")
+    if heads_kv == 0 or heads_q % heads_kv:
+        raise ValueError(f"heads_q ({heads_q}) must be a multiple of the cache's heads_kv ({heads_kv})")
+    if window_left < -1 or window_right < -1:
+        raise ValueError(f"window entries must be >= -1, got ({window_left}, {window_right})")
+    if not softcap >= 0:
+        raise ValueError(f"softcap must be >= 0, got {softcap}")
+    if alibi_slopes is not None:
+        check_tensor("alibi_slopes", alibi_slopes, dtypes=(torch.float32,), contiguous=True)
+        if tuple(alibi_slopes.shape) not in ((heads_q,), (batch, heads_q)):
+            raise ValueError(f"alibi_slopes must have shape ({heads_q},) or ({batch}, {heads_q}), got {tuple(alibi_slopes.shape)}")
+    if not isinstance(num_splits, int) or not 0 <= num_splits <= 1024:
+        raise ValueError(f"num_splits must be an int in [0, 1024] (0: automatic), got {num_splits!r}")
+    check_same_device(q=q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=cache_seqlens, block_table=block_table,
+                      alibi_slopes=alibi_slopes)  # fmt: skip
+    return batch, seqlen_q, heads_q, heads_kv, head_dim, capacity, page_size, num_pages
+
+
+def _check_cuda_layout(q, k_cache, v_cache, head_dim):
+    if head_dim not in DECODE_HEAD_DIMS:
+        raise ValueError(f"head_dim {head_dim} has no CUDA decode kernel; supported: {DECODE_HEAD_DIMS}")
+    chunk = 16 // k_cache.element_size()
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.data_ptr() % 16 or any(s % chunk for s in t.stride()[:3]):
+            raise ValueError(f"{name} must be 16-byte aligned with strides that are multiples of {chunk} elements")
+
+
+# ------------------------------------------------------------------ op implementation
+def decode_impl(q, k_cache, v_cache, cache_seqlens, block_table, causal, window_left, window_right, softmax_scale,
+                softcap, alibi_slopes, num_splits):  # fmt: skip
+    batch, seqlen_q, heads_q, heads_kv, head_dim, capacity, page_size, num_pages = _validate(
+        q, k_cache, v_cache, cache_seqlens, block_table, window_left, window_right, softcap, alibi_slopes, num_splits
+    )
+    out = torch.empty((batch, seqlen_q, heads_q, head_dim), dtype=q.dtype, device=q.device)
+    lse = torch.empty((batch, heads_q, seqlen_q), dtype=torch.float32, device=q.device)
+    dev = _native.device_code(q)
+    partial_out = partial_lse = None
+    if dev != _native.DEVICE_CPU:
+        _check_cuda_layout(q, k_cache, v_cache, head_dim)
+        if num_splits == 0:
+            num_splits = _cuda_num_splits(q, batch, heads_kv, seqlen_q * (heads_q // heads_kv), capacity, head_dim)
+        if num_splits > 1:
+            partial_out = torch.empty((num_splits, batch, seqlen_q, heads_q, head_dim), dtype=torch.float32, device=q.device)
+            partial_lse = torch.empty((num_splits, batch, heads_q, seqlen_q), dtype=torch.float32, device=q.device)
+    qs, ks, vs = q.stride(), k_cache.stride(), v_cache.stride()
+    alibi_bstride = 0 if alibi_slopes is None or alibi_slopes.dim() == 1 else alibi_slopes.stride(0)
+    _native._C.decode_attention(
+        dev, _native.DTYPE_CODE[q.dtype], q.data_ptr(), qs[0], qs[1], qs[2],
+        k_cache.data_ptr(), v_cache.data_ptr(), ks[0], ks[1], ks[2], vs[0], vs[1], vs[2],
+        _native.ptr(block_table), 0 if block_table is None else block_table.stride(0), page_size, capacity, num_pages,
+        cache_seqlens.data_ptr(), _native.ptr(alibi_slopes), alibi_bstride, out.data_ptr(), lse.data_ptr(),
+        _native.ptr(partial_out), _native.ptr(partial_lse), batch, seqlen_q, heads_q, heads_kv, head_dim, num_splits,
+        softmax_scale, softcap, causal, window_left, window_right, _native.stream_of(q), _native.num_threads(),
+    )  # fmt: skip
+    return out, lse
+
+
+def decode_fake(q, k_cache, v_cache, cache_seqlens, block_table, causal, window_left, window_right, softmax_scale,
+                softcap, alibi_slopes, num_splits):  # fmt: skip
+    batch, seqlen_q, heads_q, _, head_dim, *_ = _validate(
+        q, k_cache, v_cache, cache_seqlens, block_table, window_left, window_right, softcap, alibi_slopes, num_splits
+    )
+    return (
+        torch.empty((batch, seqlen_q, heads_q, head_dim), dtype=q.dtype, device=q.device),
+        torch.empty((batch, heads_q, seqlen_q), dtype=torch.float32, device=q.device),
+    )

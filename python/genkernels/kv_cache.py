@@ -1,0 +1,230 @@
+"""Writing to KV caches: ``append_kv_cache`` (with fused rotary embedding of the keys),
+``apply_rotary`` for the queries, and ``PagedKVCache``, a small page allocator over a
+preallocated pool for pipelines and tests.
+
+Rotary embedding follows FlashAttention's ``apply_rotary_emb``: ``cos``/``sin`` are
+``(positions, rotary_dim / 2)`` tables; non-interleaved (GPT-NeoX) rotates the pairs
+``(x[i], x[i + rotary_dim/2])``, interleaved (GPT-J) the pairs ``(x[2i], x[2i+1])``; dimensions
+from ``rotary_dim`` on pass through. The math is fp32, rounded once to the tensor's dtype.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _native
+from ._checks import FLOAT_DTYPES, check_same_device, check_shape, check_tensor
+from .decode import check_cache
+
+
+def append_kv_cache(
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    *,
+    block_table: torch.Tensor | None = None,
+    rotary_cos: torch.Tensor | None = None,
+    rotary_sin: torch.Tensor | None = None,
+    rotary_interleaved: bool = False,
+) -> None:
+    """Writes ``k_new``/``v_new`` ``(batch, seqlen_new, heads_kv, head_dim)`` at tokens
+    ``cache_seqlens[b] ... + seqlen_new - 1`` of each sequence, rotating the keys at those
+    positions when ``rotary_cos``/``rotary_sin`` are given, and adds ``seqlen_new`` to
+    ``cache_seqlens`` in place. Caches as in :func:`genkernels.decode_attention`. Raises before
+    writing anything if a sequence would exceed the cache capacity or a needed page index is
+    out of range. (On CUDA the capacity check reads ``cache_seqlens``: one synchronisation.)"""
+    torch.ops.genkernels.append_kv_cache(
+        k_new, v_new, k_cache, v_cache, cache_seqlens, block_table, rotary_cos, rotary_sin, bool(rotary_interleaved)
+    )
+
+
+def apply_rotary(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, *, interleaved: bool = False
+) -> torch.Tensor:
+    """Rotary embedding of ``x`` ``(batch, seqlen, heads, head_dim)`` (e.g. the queries of a
+    decode step) at ``positions``: int ``(batch, seqlen)``, or ``(batch,)`` start positions
+    (token ``s`` at ``positions[b] + s``, e.g. ``cache_seqlens`` before the append). Returns a
+    new contiguous tensor."""
+    return torch.ops.genkernels.apply_rotary(x, cos, sin, positions, bool(interleaved))
+
+
+# ------------------------------------------------------------------ implementation
+def _check_rotary_tables(cos, sin, head_dim: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    check_tensor("rotary_cos", cos, ndim=2, dtypes=FLOAT_DTYPES)
+    check_tensor("rotary_sin", sin, ndim=2, dtypes=FLOAT_DTYPES)
+    check_shape("rotary_sin", sin, cos.shape, "the shape of rotary_cos")
+    if cos.device != device:
+        raise ValueError(f"rotary_cos is on {cos.device} but the cache is on {device}")
+    rotary_dim = 2 * cos.shape[1]
+    if not 2 <= rotary_dim <= head_dim:
+        raise ValueError(f"rotary_cos must have shape (positions, rotary_dim / 2) with 2 <= rotary_dim <= head_dim ({head_dim}), got {tuple(cos.shape)}")
+    return cos.float().contiguous(), sin.float().contiguous()
+
+
+def _validate_append(k_new, v_new, k_cache, v_cache, cache_seqlens, block_table, rotary_cos, rotary_sin):
+    check_tensor("k_new", k_new, ndim=4, dtypes=FLOAT_DTYPES, last_dim_contiguous=True)
+    check_tensor("v_new", v_new, ndim=4, dtypes=FLOAT_DTYPES, last_dim_contiguous=True)
+    check_shape("v_new", v_new, k_new.shape, "the shape of k_new")
+    batch, seqlen_new, heads_kv, head_dim = k_new.shape
+    capacity, page_size, num_pages = check_cache(k_cache, v_cache, cache_seqlens, block_table, batch)
+    if k_cache.shape[2:] != (heads_kv, head_dim):
+        raise ValueError(f"k_new has (heads_kv, head_dim) = {(heads_kv, head_dim)} but k_cache has {tuple(k_cache.shape[2:])}")
+    for name, t in (("k_new", k_new), ("v_new", v_new)):
+        if t.dtype != k_cache.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but k_cache has {k_cache.dtype}; they must match")
+    if (rotary_cos is None) != (rotary_sin is None):
+        raise ValueError("rotary_cos and rotary_sin must be given together")
+    check_same_device(k_new=k_new, v_new=v_new, k_cache=k_cache, v_cache=v_cache, cache_seqlens=cache_seqlens,
+                      block_table=block_table)  # fmt: skip
+    return batch, seqlen_new, heads_kv, head_dim, capacity, page_size, num_pages
+
+
+def append_impl(k_new, v_new, k_cache, v_cache, cache_seqlens, block_table, rotary_cos, rotary_sin, rotary_interleaved):
+    batch, seqlen_new, heads_kv, head_dim, capacity, page_size, num_pages = _validate_append(
+        k_new, v_new, k_cache, v_cache, cache_seqlens, block_table, rotary_cos, rotary_sin
+    )
+    cos = sin = None
+    rotary_dim = rotary_positions = 0
+    if rotary_cos is not None:
+        cos, sin = _check_rotary_tables(rotary_cos, rotary_sin, head_dim, k_cache.device)
+        rotary_dim, rotary_positions = 2 * cos.shape[1], cos.shape[0]
+    if k_cache.device.type == "cuda" and batch:
+        # the native checks read host memory; on a GPU check here (one synchronisation)
+        end = int(cache_seqlens.max()) + seqlen_new
+        if int(cache_seqlens.min()) < 0 or end > capacity:
+            raise ValueError(f"cache_seqlens + {seqlen_new} new tokens exceeds the cache capacity of {capacity} tokens")
+        if rotary_dim and end > rotary_positions:
+            raise ValueError(f"rotary_cos/rotary_sin have {rotary_positions} positions but {end} are needed")
+        if block_table is not None:
+            used = torch.arange(block_table.shape[1], device=block_table.device)[None] * page_size < (cache_seqlens[:, None] + seqlen_new)
+            bad = used & ((block_table < 0) | (block_table >= num_pages))
+            if bool(bad.any()):
+                raise ValueError(f"block_table has page indices outside [0, {num_pages}) among the pages in use")
+    ks, vs, kns, vns = k_cache.stride(), v_cache.stride(), k_new.stride(), v_new.stride()
+    _native._C.append_kv_cache(
+        _native.device_code(k_cache), _native.DTYPE_CODE[k_cache.dtype], k_new.data_ptr(), v_new.data_ptr(),
+        kns[0], kns[1], kns[2], vns[0], vns[1], vns[2], k_cache.data_ptr(), v_cache.data_ptr(),
+        ks[0], ks[1], ks[2], vs[0], vs[1], vs[2], _native.ptr(block_table),
+        0 if block_table is None else block_table.stride(0), page_size, capacity, num_pages, cache_seqlens.data_ptr(),
+        batch, seqlen_new, heads_kv, head_dim, _native.ptr(cos), _native.ptr(sin), rotary_dim, rotary_positions,
+        rotary_interleaved, _native.stream_of(k_cache), _native.num_threads(),
+    )  # fmt: skip
+
+
+def append_fake(k_new, v_new, k_cache, v_cache, cache_seqlens, block_table, rotary_cos, rotary_sin, rotary_interleaved):
+    _validate_append(k_new, v_new, k_cache, v_cache, cache_seqlens, block_table, rotary_cos, rotary_sin)
+
+
+def _positions_2d(positions, batch: int, seqlen: int) -> torch.Tensor:
+    check_tensor("positions", positions, dtypes=(torch.int32, torch.int64))
+    if positions.dim() == 1:
+        check_shape("positions", positions, (batch,), "(batch,) start positions or (batch, seqlen)")
+        positions = positions[:, None] + torch.arange(seqlen, device=positions.device, dtype=positions.dtype)
+    else:
+        check_shape("positions", positions, (batch, seqlen), "(batch,) start positions or (batch, seqlen)")
+    return positions.to(torch.int32)
+
+
+def rotary_impl(x, cos, sin, positions, interleaved):
+    check_tensor("x", x, ndim=4, dtypes=FLOAT_DTYPES, last_dim_contiguous=True)
+    batch, seqlen, heads, head_dim = x.shape
+    cos, sin = _check_rotary_tables(cos, sin, head_dim, x.device)
+    pos = _positions_2d(positions, batch, seqlen)
+    check_same_device(x=x, positions=pos)
+    if x.device.type == "cuda" and pos.numel():
+        if int(pos.min()) < 0 or int(pos.max()) >= cos.shape[0]:
+            raise ValueError(f"positions must lie in [0, {cos.shape[0]}) (rows of cos/sin)")
+    out = torch.empty((batch, seqlen, heads, head_dim), dtype=x.dtype, device=x.device)
+    xs = x.stride()
+    _native._C.apply_rotary(
+        _native.device_code(x), _native.DTYPE_CODE[x.dtype], x.data_ptr(), xs[0], xs[1], xs[2], out.data_ptr(),
+        pos.data_ptr(), pos.stride(0), pos.stride(1), cos.data_ptr(), sin.data_ptr(), 2 * cos.shape[1], cos.shape[0],
+        interleaved, batch, seqlen, heads, head_dim, _native.stream_of(x), _native.num_threads(),
+    )  # fmt: skip
+    return out
+
+
+def rotary_fake(x, cos, sin, positions, interleaved):
+    check_tensor("x", x, ndim=4, dtypes=FLOAT_DTYPES, last_dim_contiguous=True)
+    _check_rotary_tables(cos, sin, x.shape[-1], x.device)
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+# ------------------------------------------------------------------ page allocator
+class PagedKVCache:
+    """A pool of ``num_pages`` pages of ``page_size`` tokens for K and V, shared by sequences.
+
+    Sequences get pages on demand (``allocate``/``extend``) and return them with ``free``;
+    ``block_table``/``seqlens`` build the int32 tensors the ops take for a batch of sequences.
+    ``append`` and ``decode`` wrap :func:`append_kv_cache` and :func:`genkernels.decode_attention`.
+    Page tables are padded with page 0, which the kernels never read past ``cache_seqlens``.
+    """
+
+    def __init__(self, num_pages: int, page_size: int, heads_kv: int, head_dim: int, *,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):  # fmt: skip
+        if page_size < 1 or page_size & (page_size - 1):
+            raise ValueError(f"page_size must be a power of two, got {page_size}")
+        if num_pages < 1:
+            raise ValueError(f"num_pages must be >= 1, got {num_pages}")
+        self.page_size = page_size
+        self.k = torch.zeros((num_pages, page_size, heads_kv, head_dim), dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+        self._free: list[int] = list(range(num_pages - 1, -1, -1))  # pop() hands out low pages first
+        self._pages: dict[int, list[int]] = {}
+        self._lengths: dict[int, int] = {}
+        self._next_id = 0
+
+    @property
+    def num_free_pages(self) -> int:
+        return len(self._free)
+
+    def allocate(self, num_tokens: int = 0) -> int:
+        """Starts an empty sequence with room for `num_tokens`; returns its id."""
+        seq = self._next_id
+        self._next_id += 1
+        self._pages[seq], self._lengths[seq] = [], 0
+        self.reserve(seq, num_tokens)
+        return seq
+
+    def reserve(self, seq: int, num_tokens: int) -> None:
+        """Makes room for `num_tokens` tokens in total (pages are added, never removed)."""
+        pages = self._pages[seq]
+        need = -(-num_tokens // self.page_size) - len(pages)
+        if need > len(self._free):
+            raise MemoryError(f"PagedKVCache: sequence {seq} needs {need} more pages, {len(self._free)} are free")
+        pages.extend(self._free.pop() for _ in range(max(need, 0)))
+
+    def extend(self, seq: int, num_new_tokens: int) -> None:
+        """Makes room for `num_new_tokens` more tokens after the sequence's current length."""
+        self.reserve(seq, self._lengths[seq] + num_new_tokens)
+
+    def free(self, seq: int) -> None:
+        self._free.extend(reversed(self._pages.pop(seq)))
+        del self._lengths[seq]
+
+    def length(self, seq: int) -> int:
+        return self._lengths[seq]
+
+    def block_table(self, seqs: list[int]) -> torch.Tensor:
+        width = max([len(self._pages[s]) for s in seqs] + [1])
+        rows = [self._pages[s] + [0] * (width - len(self._pages[s])) for s in seqs]
+        return torch.tensor(rows, dtype=torch.int32, device=self.k.device)
+
+    def seqlens(self, seqs: list[int]) -> torch.Tensor:
+        return torch.tensor([self._lengths[s] for s in seqs], dtype=torch.int32, device=self.k.device)
+
+    def append(self, seqs: list[int], k_new: torch.Tensor, v_new: torch.Tensor, **rotary) -> None:
+        """Appends ``(len(seqs), seqlen_new, heads_kv, head_dim)`` keys/values (allocating pages)."""
+        for s in seqs:
+            self.extend(s, k_new.shape[1])
+        seqlens = self.seqlens(seqs)
+        append_kv_cache(k_new, v_new, self.k, self.v, seqlens, block_table=self.block_table(seqs), **rotary)
+        for s in seqs:
+            self._lengths[s] += k_new.shape[1]
+
+    def decode(self, seqs: list[int], q: torch.Tensor, **kwargs):
+        """decode_attention of ``q`` ``(len(seqs), seqlen_q, heads_q, head_dim)`` over these sequences."""
+        from .decode import decode_attention
+
+        return decode_attention(q, self.k, self.v, self.seqlens(seqs), block_table=self.block_table(seqs), **kwargs)

@@ -1,0 +1,135 @@
+"""decode_attention on the CPU against the float64 reference (genkernels.reference)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import genkernels as gk
+from genkernels import reference as ref
+from genkernels.testing import assert_close
+
+from decode_cases import make_cache, to_contiguous
+
+
+def check(q, k, v, lens, table=None, **kw):
+    out, lse = gk.decode_attention(q, k, v, lens, block_table=table, return_lse=True, **kw)
+    kw.pop("num_splits", None)
+    want, want_lse = ref.decode_attention(q, k, v, lens, block_table=table, **kw)
+    base, base_lse = ref.decode_attention(q, k, v, lens, block_table=table, dtype=q.dtype, **kw)
+    assert_close("out", out, want, base)
+    assert_close("lse", lse, want_lse, base_lse.float() if q.dtype != torch.float32 else None)
+    return out, lse
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("page_size", [0, 1, 16, 64])
+@pytest.mark.parametrize("group", [1, 4, 8])
+@pytest.mark.parametrize("seqlen_q", [1, 4])
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_matches_reference(dtype, page_size, group, seqlen_q, num_splits):
+    g = torch.Generator().manual_seed(hash((page_size, group, seqlen_q, num_splits)) % 2**31)
+    heads_kv, head_dim, capacity = 2, 72, 130  # head_dim not a multiple of the SIMD width
+    k, v, table = make_cache(3, capacity, heads_kv, head_dim, dtype, page_size, g)
+    ps = page_size or 16
+    lens = torch.tensor([capacity, ps + 1, ps - 1 if ps > 1 else 7], dtype=torch.int32)  # mixed, page +- 1
+    q = torch.randn(3, seqlen_q, heads_kv * group, head_dim, dtype=dtype, generator=g)
+    check(q, k, v, lens, table, num_splits=num_splits)
+
+
+@pytest.mark.parametrize("num_splits", [0, 1, 4])
+def test_paged_equals_contiguous(num_splits):
+    g = torch.Generator().manual_seed(1)
+    k, v, table = make_cache(4, 200, 2, 64, torch.float32, 16, g)
+    kc, vc = to_contiguous(k, table, 208), to_contiguous(v, table, 208)
+    lens = torch.tensor([0, 1, 17, 200], dtype=torch.int32)
+    q = torch.randn(4, 2, 8, 64, generator=g)
+    a = gk.decode_attention(q, k, v, lens, block_table=table, num_splits=num_splits)
+    b = gk.decode_attention(q, kc, vc, lens, num_splits=num_splits)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_empty_cache_gives_zero_and_minus_inf():
+    k, v, _ = make_cache(2, 8, 1, 64, torch.float32)
+    q = torch.randn(2, 3, 2, 64)
+    lens = torch.tensor([0, 5], dtype=torch.int32)
+    out, lse = gk.decode_attention(q, k, v, lens, return_lse=True, num_splits=2)
+    assert torch.equal(out[0], torch.zeros_like(out[0]))
+    assert torch.isneginf(lse[0]).all()
+    check(q, k, v, lens)
+
+
+@pytest.mark.parametrize("window", [(-1, -1), (5, -1), (0, 0), (3, 2)])
+@pytest.mark.parametrize("causal", [True, False])
+def test_window_and_causal(window, causal):
+    g = torch.Generator().manual_seed(2)
+    k, v, table = make_cache(2, 64, 2, 64, torch.float32, 8, g)
+    q = torch.randn(2, 4, 4, 64, generator=g)
+    lens = torch.tensor([64, 2], dtype=torch.int32)  # seqlen_q > cache length: leading rows see nothing
+    check(q, k, v, lens, table, causal=causal, window=window, num_splits=2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_softcap_alibi_scale(dtype):
+    g = torch.Generator().manual_seed(3)
+    k, v, table = make_cache(2, 100, 2, 128, dtype, 16, g)
+    q = torch.randn(2, 2, 8, 128, dtype=dtype, generator=g) * 4
+    lens = torch.tensor([100, 33], dtype=torch.int32)
+    check(q, k, v, lens, table, softcap=5.0, softmax_scale=0.2, alibi_slopes=torch.rand(8, generator=g))
+    check(q, k, v, lens, table, alibi_slopes=torch.rand(2, 8, generator=g), num_splits=3)
+
+
+def test_append_then_decode_equals_full_attention():
+    """Prefill a cache through append, append one more token, decode; equals attention over the
+    whole sequence (reference with every key in one contiguous cache)."""
+    g = torch.Generator().manual_seed(4)
+    cache = gk.PagedKVCache(num_pages=40, page_size=16, heads_kv=2, head_dim=64)
+    seqs = [cache.allocate(), cache.allocate()]
+    k_all = torch.randn(2, 50, 2, 64, generator=g)
+    v_all = torch.randn(2, 50, 2, 64, generator=g)
+    cache.append(seqs, k_all[:, :49], v_all[:, :49])
+    cache.append(seqs, k_all[:, 49:], v_all[:, 49:])
+    q = torch.randn(2, 1, 8, 64, generator=g)
+    out = cache.decode(seqs, q)
+    want, _ = ref.decode_attention(q, k_all, v_all, torch.tensor([50, 50], dtype=torch.int32))
+    assert_close("out", out, want)
+    cache.free(seqs[0])
+    assert cache.num_free_pages == 40 - 4
+
+
+def test_bad_input():
+    k, v, table = make_cache(2, 32, 2, 64, torch.float32, 16)
+    q = torch.randn(2, 1, 4, 64)
+    lens = torch.tensor([32, 3], dtype=torch.int32)
+    with pytest.raises(ValueError, match="block_table"):
+        bad = table.clone(); bad[1, 0] = -1
+        gk.decode_attention(q, k, v, lens, block_table=bad)
+    with pytest.raises(ValueError, match="block_table"):
+        bad = table.clone(); bad[0, 1] = k.shape[0]
+        gk.decode_attention(q, k, v, lens, block_table=bad)
+    with pytest.raises(ValueError, match="capacity"):
+        gk.decode_attention(q, k, v, torch.tensor([33, 1], dtype=torch.int32), block_table=table)
+    with pytest.raises(ValueError, match="capacity"):  # pages smaller than needed
+        gk.decode_attention(q, k, v, lens, block_table=table[:, :1])
+    with pytest.raises(TypeError, match="k_cache"):
+        gk.decode_attention(q.half(), k, v, lens, block_table=table)
+    with pytest.raises(TypeError, match="cache_seqlens"):
+        gk.decode_attention(q, k, v, lens.long(), block_table=table)
+    with pytest.raises(ValueError, match="heads_q"):
+        gk.decode_attention(torch.randn(2, 1, 3, 64), k, v, lens, block_table=table)
+    with pytest.raises(ValueError, match="page_size"):
+        gk.decode_attention(q, k[:, :12], v[:, :12], lens, block_table=table)
+    with pytest.raises(ValueError, match="window"):
+        gk.decode_attention(q, k, v, lens, block_table=table, window=(-2, 0))
+    # a bad unused page-table entry is fine: only pages holding tokens are read
+    ok = table.clone(); ok[1, 1] = -1
+    gk.decode_attention(q, k, v, lens, block_table=ok)
+
+
+def test_opcheck_and_compile():
+    k, v, table = make_cache(2, 32, 2, 64, torch.float32, 16)
+    q = torch.randn(2, 1, 4, 64)
+    lens = torch.tensor([32, 3], dtype=torch.int32)
+    args = (q, k, v, lens, table, True, -1, -1, 0.125, 0.0, None, 0)
+    torch.library.opcheck(torch.ops.genkernels.decode_attention.default, args)
+    f = torch.compile(lambda q: gk.decode_attention(q, k, v, lens, block_table=table), fullgraph=True)
+    torch.testing.assert_close(f(q), gk.decode_attention(q, k, v, lens, block_table=table))

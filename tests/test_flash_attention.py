@@ -1,0 +1,198 @@
+"""flash_attention / flash_attention_varlen against the float64 reference with the tolerance rule,
+on every CPU ISA level: causal x window x GQA x softcap x ALiBi x LSE, every dtype, head dims 8..256,
+odd lengths, seqlen_q above and below seqlen_k, rows that see no key; agreement with PyTorch's
+scaled_dot_product_attention; strided inputs. API checks (opcheck, torch.compile, bad input) live
+in test_flash_attention_api.py."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import genkernels as gk
+from genkernels import reference as ref_mod
+from genkernels.testing import assert_close
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+NEG_INF = float("-inf")
+
+
+def skip_emulated(backend):
+    if backend == "emulated":
+        pytest.skip("the CUDA flash attention kernel is not implemented yet")
+
+
+def make_qkv(rng, b, sq, sk, hq, hkv, d, dtype, varlen=False):
+    lead_q, lead_k = ((sq,), (sk,)) if varlen else ((b, sq), (b, sk))
+    q = torch.randn(*lead_q, hq, d, generator=rng).to(dtype)
+    k = torch.randn(*lead_k, hkv, d, generator=rng).to(dtype)
+    v = torch.randn(*lead_k, hkv, d, generator=rng).to(dtype)
+    return q, k, v
+
+
+def check(q, k, v, out, lse, **opts):
+    """out/lse against the float64 reference; PyTorch's own error is the same reference computed
+    in the input dtype (float32 for the lse, which the kernels accumulate in float32)."""
+    want_out, want_lse = ref_mod.flash_attention(q, k, v, **opts)
+    base_out, _ = ref_mod.flash_attention(q, k, v, dtype=q.dtype, **opts)
+    assert_close("out", out, want_out, baseline=base_out)
+    if lse is not None:
+        _, base_lse = ref_mod.flash_attention(q, k, v, dtype=torch.float32, **opts)
+        assert_close("lse", lse, want_lse, baseline=base_lse)
+
+
+# (batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim, causal, window, softcap, alibi)
+FEATURES = [
+    (2, 7, 7, 2, 2, 64, False, (-1, -1), 0.0, None),
+    (1, 33, 70, 4, 2, 32, True, (-1, -1), 0.0, None),  # GQA, seqlen_q < seqlen_k
+    (2, 70, 33, 4, 1, 40, True, (-1, -1), 0.0, None),  # MQA, seqlen_q > seqlen_k: empty top rows
+    (1, 129, 129, 2, 2, 128, False, (16, 0), 0.0, None),  # sliding window
+    (1, 100, 80, 2, 2, 96, True, (10, -1), 0.0, None),  # causal + left window
+    (1, 65, 90, 2, 1, 72, False, (-1, 5), 0.0, None),  # right window only
+    (1, 50, 50, 2, 2, 64, False, (3, 7), 30.0, None),  # softcap
+    (2, 40, 60, 4, 2, 64, True, (-1, -1), 0.0, "head"),  # ALiBi per head
+    (2, 60, 40, 2, 2, 48, False, (8, 8), 20.0, "batch_head"),  # ALiBi per (batch, head) + softcap + window
+    (1, 1, 1000, 2, 1, 64, True, (-1, -1), 0.0, None),  # one query against a long cache
+    (1, 200, 1, 2, 2, 16, True, (-1, -1), 0.0, None),  # one key: every row but the last is empty
+]
+
+
+def alibi_for(kind, b, hq, rng):
+    if kind is None:
+        return None
+    shape = (hq,) if kind == "head" else (b, hq)
+    return torch.rand(shape, generator=rng) * 0.5
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("case", FEATURES, ids=lambda c: "x".join(map(str, c[:6])) + f"-c{int(c[6])}-w{c[7][0]}_{c[7][1]}-s{c[8]:g}-{c[9]}")
+def test_features_match_reference(backend, rng, dtype, case):
+    skip_emulated(backend)
+    b, sq, sk, hq, hkv, d, causal, window, softcap, alibi = case
+    q, k, v = make_qkv(rng, b, sq, sk, hq, hkv, d, dtype)
+    slopes = alibi_for(alibi, b, hq, rng)
+    opts = dict(causal=causal, window=window, softcap=softcap, alibi_slopes=slopes)
+    out, lse = gk.flash_attention(q, k, v, return_lse=True, **opts)
+    assert out.shape == q.shape and out.dtype == dtype and out.is_contiguous()
+    assert lse.shape == (b, hq, sq) and lse.dtype == torch.float32
+    check(q, k, v, out, lse, **opts)
+
+
+@pytest.mark.parametrize("d", range(8, 257, 8))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d)[6:])
+def test_every_head_dim(rng, d, dtype):
+    q, k, v = make_qkv(rng, 1, 19, 37, 2, 1, d, dtype)
+    out, lse = gk.flash_attention(q, k, v, causal=True, return_lse=True)
+    check(q, k, v, out, lse, causal=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("sq,sk", [(1, 1), (7, 1), (1, 7), (129, 7), (7, 129), (1000, 1000)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_odd_lengths(rng, dtype, sq, sk, causal):
+    q, k, v = make_qkv(rng, 1, sq, sk, 2, 1, 64, dtype)
+    out, lse = gk.flash_attention(q, k, v, causal=causal, return_lse=True)
+    check(q, k, v, out, lse, causal=causal)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+def test_rows_that_see_nothing(backend, rng, dtype):
+    skip_emulated(backend)
+    # causal with seqlen_q > seqlen_k: the first seqlen_q - seqlen_k rows see no key
+    q, k, v = make_qkv(rng, 1, 90, 20, 2, 2, 64, dtype)
+    out, lse = gk.flash_attention(q, k, v, causal=True, return_lse=True)
+    assert (out[0, :70] == 0).all() and (lse[0, :, :70] == NEG_INF).all()
+    assert torch.isfinite(out[0, 70:]).all() and torch.isfinite(lse[0, :, 70:]).all()
+    check(q, k, v, out, lse, causal=True)
+    # no keys at all
+    out, lse = gk.flash_attention(q, k[:, :0], v[:, :0], return_lse=True)
+    assert (out == 0).all() and (lse == NEG_INF).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("causal,window,alibi", [(False, (-1, -1), None), (True, (-1, -1), "head"), (True, (12, -1), "batch_head"), (False, (4, 9), None)])
+def test_varlen_matches_reference(backend, rng, dtype, causal, window, alibi):
+    skip_emulated(backend)
+    lens_q, lens_k = [5, 0, 70, 1, 33], [9, 4, 64, 0, 100]  # an empty query set and an empty key set
+    cu_q = torch.tensor([0] + lens_q, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    cu_k = torch.tensor([0] + lens_k, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    hq, hkv, d = 4, 2, 64
+    q, k, v = make_qkv(rng, 0, int(cu_q[-1]), int(cu_k[-1]), hq, hkv, d, dtype, varlen=True)
+    slopes = alibi_for(alibi, len(lens_q), hq, rng)
+    opts = dict(causal=causal, window=window, alibi_slopes=slopes)
+    out, lse = gk.flash_attention_varlen(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), return_lse=True, **opts)
+    assert out.shape == q.shape and lse.shape == (hq, q.shape[0])
+    check(q, k, v, out, lse, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, **opts)
+
+
+def test_varlen_equals_dense_per_sequence(rng):
+    lens = [17, 64, 3]
+    cu = torch.tensor([0] + lens, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    q, k, v = make_qkv(rng, 0, int(cu[-1]), int(cu[-1]), 4, 2, 32, torch.float32, varlen=True)
+    out, lse = gk.flash_attention_varlen(q, k, v, cu, cu, max(lens), max(lens), causal=True, return_lse=True)
+    for b, (s, e) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+        o1, l1 = gk.flash_attention(q[None, s:e], k[None, s:e], v[None, s:e], causal=True, return_lse=True)
+        assert torch.equal(out[s:e], o1[0]) and torch.equal(lse[:, s:e], l1[0])
+
+
+# ------------------------------------------------------------------ agreement with PyTorch SDPA
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("sq,sk,causal", [(77, 77, False), (77, 77, True), (40, 100, True), (100, 40, False)])
+def test_agrees_with_sdpa(rng, dtype, sq, sk, causal):
+    hq, hkv, d = 4, 2, 64
+    q, k, v = make_qkv(rng, 2, sq, sk, hq, hkv, d, dtype)
+    out = gk.flash_attention(q, k, v, causal=causal)
+    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+    kt, vt = kt.repeat_interleave(hq // hkv, 1), vt.repeat_interleave(hq // hkv, 1)
+    if causal and sq != sk:
+        # SDPA's is_causal is top-left aligned; pass the bottom-right mask explicitly
+        mask = torch.ones(sq, sk, dtype=torch.bool).tril(diagonal=sk - sq)
+        sdpa = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask)
+    else:
+        sdpa = F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
+    want, _ = ref_mod.flash_attention(q, k, v, causal=causal)
+    assert_close("out", out, want, baseline=sdpa.transpose(1, 2))
+
+
+# ------------------------------------------------------------------ layouts
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+def test_strided_inputs(backend, rng, dtype):
+    skip_emulated(backend)
+    # q: a head slice of a fused qkv projection; k, v: (b, h, s, d) storage seen as (b, s, h, d)
+    qkv = torch.randn(2, 50, 3 * 4, 64, generator=rng).to(dtype)
+    q = qkv[:, :, 0:4]
+    k = torch.randn(2, 2, 70, 64, generator=rng).to(dtype).transpose(1, 2)
+    v = torch.randn(2, 2, 70, 64, generator=rng).to(dtype).transpose(1, 2)
+    assert not q.is_contiguous() and not k.is_contiguous()
+    out, lse = gk.flash_attention(q, k, v, causal=True, return_lse=True)
+    check(q, k, v, out, lse, causal=True)
+
+
+def test_strided_varlen(rng):
+    qkv = torch.randn(40, 3, 4, 32, generator=rng)
+    q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
+    cu = torch.tensor([0, 15, 40], dtype=torch.int32)
+    out, lse = gk.flash_attention_varlen(q, k, v, cu, cu, 25, 25, causal=True, return_lse=True)
+    check(q, k, v, out, lse, causal=True, cu_seqlens_q=cu, cu_seqlens_k=cu)
+
+
+def test_softmax_scale_and_no_lse(rng):
+    q, k, v = make_qkv(rng, 1, 20, 30, 2, 2, 64, torch.float32)
+    out = gk.flash_attention(q, k, v, softmax_scale=0.3)
+    assert isinstance(out, torch.Tensor)
+    want, _ = ref_mod.flash_attention(q, k, v, softmax_scale=0.3)
+    base, _ = ref_mod.flash_attention(q, k, v, softmax_scale=0.3, dtype=torch.float32)
+    assert_close("out", out, want, baseline=base)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d)[6:])
+def test_thread_counts_agree(rng, dtype):
+    q, k, v = make_qkv(rng, 2, 150, 150, 4, 2, 64, dtype)
+    results = []
+    for threads in (1, 2):
+        gk.set_num_threads(threads)
+        try:
+            results.append(gk.flash_attention(q, k, v, causal=True, return_lse=True))
+        finally:
+            gk.set_num_threads(None)
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])

@@ -1,0 +1,121 @@
+"""append_kv_cache (with fused RoPE), apply_rotary and PagedKVCache against the reference, on
+the CPU and through the emulated CUDA kernels."""
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+import genkernels as gk
+from genkernels import reference as ref
+from genkernels.testing import assert_close, emulate_cuda, has_emulation
+
+from decode_cases import make_cache, to_contiguous
+
+MODES = ["cpu"] + (["emulated"] if has_emulation() else [])
+
+
+def run_in(mode):
+    return emulate_cuda() if mode == "emulated" else contextlib.nullcontext()
+
+
+def tables(positions, rotary_dim, g):
+    inv = 1.0 / (10000 ** (torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim))
+    ang = torch.arange(positions, dtype=torch.float64)[:, None] * inv[None] + torch.rand(1, generator=g, dtype=torch.float64)
+    return ang.cos().float(), ang.sin().float()
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("rotary_dim", [64, 32, 0])
+@pytest.mark.parametrize("page_size", [0, 1, 16])
+def test_append_matches_reference(mode, dtype, interleaved, rotary_dim, page_size):
+    g = torch.Generator().manual_seed(rotary_dim + page_size)
+    batch, heads_kv, head_dim, capacity, new = 3, 2, 64, 40, 3
+    k, v, table = make_cache(batch, capacity, heads_kv, head_dim, dtype, page_size, g)
+    lens = torch.tensor([0, 7, 37], dtype=torch.int32)  # odd positions, up to the capacity
+    k_new = torch.randn(batch, new, heads_kv, head_dim, dtype=dtype, generator=g)
+    v_new = torch.randn_like(k_new)
+    rot = {}
+    if rotary_dim:
+        cos, sin = tables(capacity, rotary_dim, g)
+        rot = dict(rotary_cos=cos, rotary_sin=sin, rotary_interleaved=interleaved)
+    k0, v0, lens0 = k.clone(), v.clone(), lens.clone()
+    with run_in(mode):
+        gk.append_kv_cache(k_new, v_new, k, v, lens, block_table=table, **rot)
+    assert torch.equal(lens, lens0 + new)
+    pos = lens0[:, None].long() + torch.arange(new)
+    want_k = ref.apply_rotary(k_new, cos, sin, pos, interleaved=interleaved) if rotary_dim else k_new.double()
+    cap = capacity if not page_size else table.shape[1] * page_size
+    kc = k if table is None else to_contiguous(k, table, cap)
+    vc = v if table is None else to_contiguous(v, table, cap)
+    kc0 = k0 if table is None else to_contiguous(k0, table, cap)
+    for b in range(batch):
+        s = slice(int(lens0[b]), int(lens0[b]) + new)
+        assert_close("k", kc[b, s], want_k[b], ref.apply_rotary(k_new, cos, sin, pos, dtype=dtype, interleaved=interleaved)[b] if rotary_dim else None)
+        assert torch.equal(vc[b, s], v_new[b])
+        assert torch.equal(kc[b, : int(lens0[b])], kc0[b, : int(lens0[b])])  # earlier tokens untouched
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_apply_rotary(mode, interleaved):
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 3, 4, 64, dtype=torch.bfloat16, generator=g)
+    cos, sin = tables(50, 48, g)
+    start = torch.tensor([0, 41], dtype=torch.int32)
+    with run_in(mode):
+        out = gk.apply_rotary(x, cos, sin, start, interleaved=interleaved)
+    pos = start[:, None].long() + torch.arange(3)
+    assert_close("q", out, ref.apply_rotary(x, cos, sin, pos, interleaved=interleaved),
+                 ref.apply_rotary(x, cos, sin, pos, interleaved=interleaved, dtype=torch.bfloat16))
+
+
+def test_capacity_checked_before_any_write():
+    k, v, table = make_cache(2, 32, 1, 64, torch.float32, 16)
+    lens = torch.tensor([3, 30], dtype=torch.int32)
+    k0, v0 = k.clone(), v.clone()
+    with pytest.raises(ValueError, match="capacity"):
+        gk.append_kv_cache(torch.randn(2, 3, 1, 64), torch.randn(2, 3, 1, 64), k, v, lens, block_table=table)
+    assert torch.equal(k, k0) and torch.equal(v, v0) and lens.tolist() == [3, 30]
+    bad = table.clone(); bad[0, 0] = 99
+    with pytest.raises(ValueError, match="block_table"):
+        gk.append_kv_cache(torch.randn(2, 1, 1, 64), torch.randn(2, 1, 1, 64), k, v, lens, block_table=bad)
+    with pytest.raises(TypeError, match="k_new"):
+        gk.append_kv_cache(torch.randn(2, 1, 1, 64).half(), torch.randn(2, 1, 1, 64), k, v, lens, block_table=table)
+    cos, sin = tables(8, 64, torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="rotary"):
+        gk.append_kv_cache(torch.randn(2, 1, 1, 64), torch.randn(2, 1, 1, 64), k, v, lens, block_table=table,
+                           rotary_cos=cos, rotary_sin=sin)
+
+
+def test_append_rope_then_decode_equals_prefill():
+    """Keys appended with RoPE token by token, queries rotated with apply_rotary: decode equals
+    the reference attention over rotated keys of the whole sequence."""
+    g = torch.Generator().manual_seed(6)
+    cache = gk.PagedKVCache(num_pages=16, page_size=4, heads_kv=2, head_dim=64)
+    seqs = [cache.allocate(), cache.allocate()]
+    cos, sin = tables(64, 64, g)
+    k_all, v_all = torch.randn(2, 21, 2, 64, generator=g), torch.randn(2, 21, 2, 64, generator=g)
+    rot = dict(rotary_cos=cos, rotary_sin=sin)
+    cache.append(seqs, k_all[:, :13], v_all[:, :13], **rot)
+    for t in range(13, 21):
+        cache.append(seqs, k_all[:, t : t + 1], v_all[:, t : t + 1], **rot)
+    q = torch.randn(2, 1, 8, 64, generator=g)
+    q_rot = gk.apply_rotary(q, cos, sin, torch.tensor([20, 20], dtype=torch.int32))
+    out = cache.decode(seqs, q_rot)
+    pos = torch.arange(21)[None].expand(2, 21)
+    k_rot = ref.apply_rotary(k_all, cos, sin, pos)
+    want, _ = ref.decode_attention(ref.apply_rotary(q, cos, sin, torch.tensor([[20], [20]])), k_rot, v_all.double(),
+                                   torch.tensor([21, 21], dtype=torch.int32))
+    base, _ = ref.decode_attention(q_rot, k_rot.float(), v_all, torch.tensor([21, 21], dtype=torch.int32), dtype=torch.float32)
+    assert_close("out", out, want, base)
+
+
+def test_append_opcheck():
+    k, v, table = make_cache(2, 32, 1, 64, torch.float32, 16)
+    lens = torch.tensor([3, 5], dtype=torch.int32)
+    args = (torch.randn(2, 1, 1, 64), torch.randn(2, 1, 1, 64), k, v, lens, table, None, None, False)
+    torch.library.opcheck(torch.ops.genkernels.append_kv_cache.default, args, test_utils=("test_schema", "test_faketensor"))
