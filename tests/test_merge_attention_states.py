@@ -37,6 +37,15 @@ def test_stacked_matches_reference(backend, rng, dtype, n, shape):
     check(outs, lses, out, lse)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_many_partials(backend, rng, dtype):
+    """More partials than the CPU kernel gathers at once (64) take its scalar path."""
+    outs, lses = make_partials(rng, 70, 1, 3, 2, 24, dtype)
+    lses[5] = NEG_INF
+    out, lse = gk.merge_attention_states_n(outs, lses)
+    check(outs, lses, out, lse)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_pair_matches_stacked_reference(backend, rng, dtype):
     outs, lses = make_partials(rng, 2, 2, 9, 4, 96, dtype)
