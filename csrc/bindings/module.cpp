@@ -407,6 +407,15 @@ void diffusion_step(int device, int dtype, int64_t n, uintptr_t model_uncond, ui
       [&] { return GK_WITH_EMU ? gk::cuda_emu::diffusion_step<T>(p, s) : 0; }));
 }
 
+// ------------------------------------------------------------------ machine peaks (bench)
+double cpu_peak_gflops(int kind, int num_threads, int64_t iters) {
+  require(kind == 0 || kind == 1, "cpu_peak_gflops: kind must be 0 (fp32 FMA) or 1 (bf16 dot product)");
+  require(num_threads >= 1 && iters >= 1, "cpu_peak_gflops: num_threads and iters must be >= 1");
+  double gflops = 0.0;
+  GK_CPU_DISPATCH(peak_gflops, static_cast<gk::cpu::PeakKind>(kind), num_threads, iters, &gflops);
+  return gflops;
+}
+
 // ------------------------------------------------------------------ runtime information
 py::dict build_info() {
   py::dict d;
@@ -438,6 +447,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("build_info", &build_info);
   m.def("cuda_device_count", &cuda_device_count, "(count, reason when 0)");
   m.def("reload_cpu_isa", &gk::cpu::set_isa_from_env, "re-read GK_CPU_ISA");
+  m.def("cpu_peak_gflops", &cpu_peak_gflops, "measured fp32 FMA (kind 0) or bf16 dot-product (kind 1) peak",
+        py::call_guard<py::gil_scoped_release>());
   m.def("merge_attention_states", &merge_attention_states, py::call_guard<py::gil_scoped_release>());
   m.def("flash_attention", &flash_attention, py::call_guard<py::gil_scoped_release>());
   m.def("decode_attention", &decode_attention, py::call_guard<py::gil_scoped_release>());

@@ -24,17 +24,19 @@ def check_tensor(
     last_dim_contiguous: bool = False,
     contiguous: bool = False,
 ) -> torch.Tensor:
+    # Cheap attribute reads only (is_cpu/is_cuda, not t.device.type): ops call this on every
+    # decode step, where the wrapper's overhead is a measured figure.
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if ndim is not None and t.dim() != ndim:
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
     if dtypes is not None and t.dtype not in dtypes:
         raise TypeError(f"{name} must have dtype {_dtype_names(dtypes)}, got {str(t.dtype).replace('torch.', '')}")
-    if t.device.type not in ("cpu", "cuda"):
+    if not (t.is_cpu or t.is_cuda):
         raise ValueError(f"{name} is on device {t.device}; genkernels supports cpu and cuda tensors")
     if contiguous and not t.is_contiguous():
         raise ValueError(f"{name} must be contiguous (strides {t.stride()} for shape {tuple(t.shape)})")
-    if last_dim_contiguous and t.dim() > 0 and t.shape[-1] > 1 and t.stride(-1) != 1:
+    if last_dim_contiguous and t.dim() > 0 and t.stride()[-1] != 1 and t.shape[-1] > 1:
         raise ValueError(f"{name} must have a contiguous last dimension (stride(-1) == 1), got strides {t.stride()}")
     return t
 
@@ -53,13 +55,13 @@ def check_shape(name: str, t: torch.Tensor, expected: Sequence[int], what: str =
         raise ValueError(f"{name} must have shape {tuple(expected)}{hint}, got {tuple(t.shape)}")
 
 
-def check_same_device(**tensors: torch.Tensor | None) -> torch.device:
+def check_same_device(**tensors: torch.Tensor | None) -> None:
     items = [(n, t) for n, t in tensors.items() if t is not None]
-    dev = items[0][1].device
+    first_name, first = items[0]
+    dev = first.get_device()  # -1 for CPU, the index for CUDA: an int, cheaper than t.device
     for n, t in items[1:]:
-        if t.device != dev:
-            raise ValueError(f"{n} is on {t.device} but {items[0][0]} is on {dev}; all tensors must be on one device")
-    return dev
+        if t.get_device() != dev or t.is_cuda != first.is_cuda:
+            raise ValueError(f"{n} is on {t.device} but {first_name} is on {first.device}; all tensors must be on one device")
 
 
 def check_same_dtype(**tensors: torch.Tensor) -> torch.dtype:

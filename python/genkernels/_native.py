@@ -57,13 +57,13 @@ def num_threads() -> int:
 def device_code(t: torch.Tensor) -> int:
     """Where an op on `t` runs: the CUDA kernels for CUDA tensors; for CPU tensors the CPU
     kernels, or the emulated CUDA kernels inside ``emulate_cuda()``."""
-    if t.device.type == "cuda":
+    if t.is_cuda:
         return DEVICE_CUDA
     return DEVICE_EMULATED if emulating() else DEVICE_CPU
 
 
 def stream_of(t: torch.Tensor) -> int:
-    if t.device.type == "cuda":
+    if t.is_cuda:
         return torch.cuda.current_stream(t.device).cuda_stream
     return 0
 

@@ -111,12 +111,20 @@ def format_table(rows: list[dict]) -> str:
 
 
 def format_peaks(peaks: dict, device: torch.device) -> str:
-    return (
+    text = (
         f"device {device}; measured peaks: copy {peaks['copy_gbps']:.1f} GB/s (read+write), "
-        f"read {peaks['read_gbps']:.1f} GB/s, GEMM peak (fp32) {peaks['gemm_fp32_gflops']:.0f} GFLOP/s, "
-        f"GEMM peak (bf16) {peaks['gemm_bf16_gflops']:.0f} GFLOP/s; % peak is of copy bandwidth "
-        "for memory-bound ops, of the dtype's GEMM peak for compute-bound ones"
+        f"read {peaks['read_gbps']:.1f} GB/s, GEMM (fp32) {peaks['gemm_fp32_gflops']:.0f} GFLOP/s, "
+        f"GEMM (bf16) {peaks['gemm_bf16_gflops']:.0f} GFLOP/s"
     )
+    if peaks.get("fma_fp32_gflops"):
+        text += (
+            f", FMA (fp32) {peaks['fma_fp32_gflops']:.0f} GFLOP/s, bf16 dot {peaks.get('dot_bf16_gflops', 0):.0f} GFLOP/s;"
+            " % peak is of copy bandwidth for memory-bound ops, of the FMA (fp32) or bf16 dot-product"
+            " peak for compute-bound ones"
+        )
+    else:
+        text += "; % peak is of copy bandwidth for memory-bound ops, of the dtype's GEMM peak for compute-bound ones"
+    return text
 
 
 def write_json(path: Path, rows: list[dict], peaks: dict, device: torch.device, machine: dict, argv: list[str]) -> None:

@@ -94,7 +94,11 @@ def measure_peaks(device: torch.device, quick: bool = False, repeats: int = 5) -
     - ``copy_gbps``: ``dst.copy_(src)`` of a large fp32 buffer, read + write bytes counted;
     - ``read_gbps``: ``torch.sum`` of a large fp32 tensor (read only);
     - ``gemm_fp32_gflops`` / ``gemm_bf16_gflops``: a square ``torch.mm`` (2048, 1024 with
-      --quick), which MKL/oneDNN or cuBLAS run near the FMA peak of the dtype."""
+      --quick), which MKL/oneDNN or cuBLAS run near the FMA peak of the dtype;
+    - on the CPU, ``fma_fp32_gflops`` and ``dot_bf16_gflops``: genkernels' own probes (12
+      independent FMA / vdpbf16ps chains per thread at the active ISA level, all threads; the
+      best of a few runs, as a peak is the best the machine can do). These are the
+      denominators of compute-bound fractions on the CPU; the GEMMs are shown for context."""
     mib = 64 if quick else 256
     n = (mib << 20) // 4
     src = torch.empty(n, dtype=torch.float32, device=device).uniform_()
@@ -114,12 +118,22 @@ def measure_peaks(device: torch.device, quick: bool = False, repeats: int = 5) -
         s = median(measure(lambda: torch.mm(a, b), [()], device, max(3, repeats // 2), warmup=1))
         peaks[f"gemm_{name}_gflops"] = 2 * size**3 / s / 1e9
     peaks["gemm_size"] = float(size)
+    if device.type == "cpu":
+        from .. import _native
+
+        threads, iters = _native.num_threads(), (2_000_000 if quick else 20_000_000)
+        for key, kind in (("fma_fp32_gflops", 0), ("dot_bf16_gflops", 1)):
+            peaks[key] = max(_native._C.cpu_peak_gflops(kind, threads, iters) for _ in range(3))
     return peaks
 
 
 def peak_for(bound: str, dtype: torch.dtype, peaks: dict[str, float]) -> tuple[float, str]:
     """The denominator of a case's fraction of peak, and its unit."""
     if bound == "compute":
-        key = "gemm_bf16_gflops" if dtype in (torch.bfloat16, torch.float16) else "gemm_fp32_gflops"
+        low = dtype in (torch.bfloat16, torch.float16)
+        if peaks.get("fma_fp32_gflops"):  # CPU: the measured instruction peaks
+            key = "dot_bf16_gflops" if low and peaks.get("dot_bf16_gflops") else "fma_fp32_gflops"
+        else:
+            key = "gemm_bf16_gflops" if low else "gemm_fp32_gflops"
         return peaks[key], "GFLOP/s"
     return peaks["copy_gbps"], "GB/s"
