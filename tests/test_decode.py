@@ -26,9 +26,10 @@ def check(q, k, v, lens, table=None, **kw):
 @pytest.mark.parametrize("group", [1, 4, 8])
 @pytest.mark.parametrize("seqlen_q", [1, 4])
 @pytest.mark.parametrize("num_splits", [1, 3])
-def test_matches_reference(dtype, page_size, group, seqlen_q, num_splits):
-    g = torch.Generator().manual_seed(hash((page_size, group, seqlen_q, num_splits)) % 2**31)
-    heads_kv, head_dim, capacity = 2, 72, 130  # head_dim not a multiple of the SIMD width
+@pytest.mark.parametrize("head_dim", [72, 128])  # 72: generic SIMD path with a tail; 128: AVX-512 path
+def test_matches_reference(dtype, page_size, group, seqlen_q, num_splits, head_dim):
+    g = torch.Generator().manual_seed(hash((page_size, group, seqlen_q, num_splits, head_dim)) % 2**31)
+    heads_kv, capacity = 2, 130
     k, v, table = make_cache(3, capacity, heads_kv, head_dim, dtype, page_size, g)
     ps = page_size or 16
     lens = torch.tensor([capacity, ps + 1, ps - 1 if ps > 1 else 7], dtype=torch.int32)  # mixed, page +- 1
@@ -133,3 +134,44 @@ def test_opcheck_and_compile():
     torch.library.opcheck(torch.ops.genkernels.decode_attention.default, args)
     f = torch.compile(lambda q: gk.decode_attention(q, k, v, lens, block_table=table), fullgraph=True)
     torch.testing.assert_close(f(q), gk.decode_attention(q, k, v, lens, block_table=table))
+
+
+@pytest.mark.parametrize("isa", ["baseline", "avx2"])
+def test_lower_isa_levels(isa, monkeypatch):
+    """The kernels compiled for the lower ISA levels (chosen with GK_CPU_ISA) agree too."""
+    from genkernels import _native
+
+    if isa == "avx2" and _native._C.build_info()["cpu_isa_detected"] not in ("avx2", "avx512"):
+        pytest.skip("CPU lacks AVX2")
+    monkeypatch.setenv("GK_CPU_ISA", isa)
+    _native.reload_cpu_isa()
+    try:
+        g = torch.Generator().manual_seed(7)
+        for dtype, page_size in ((torch.float32, 16), (torch.bfloat16, 0)):
+            k, v, table = make_cache(2, 50, 2, 64, dtype, page_size, g)
+            q = torch.randn(2, 2, 8, 64, dtype=dtype, generator=g)
+            check(q, k, v, torch.tensor([50, 9], dtype=torch.int32), table, num_splits=2)
+    finally:
+        monkeypatch.delenv("GK_CPU_ISA")
+        _native.reload_cpu_isa()
+
+
+@pytest.mark.parametrize("page_size", [0, 16])
+def test_append_then_decode_equals_flash_attention_prefill(page_size):
+    """Chunked append, then 4 speculative tokens decoded at once: equals the last 4 rows of a
+    causal flash_attention prefill over the whole sequence."""
+    g = torch.Generator().manual_seed(8)
+    batch, total, heads_kv, group, head_dim = 2, 45, 2, 4, 64
+    q_all = torch.randn(batch, total, heads_kv * group, head_dim, generator=g)
+    k_all = torch.randn(batch, total, heads_kv, head_dim, generator=g)
+    v_all = torch.randn(batch, total, heads_kv, head_dim, generator=g)
+    k, v, table = make_cache(batch, 64, heads_kv, head_dim, torch.float32, page_size, g)
+    lens = torch.zeros(batch, dtype=torch.int32)
+    for lo, hi in ((0, 20), (20, 21), (21, 45)):
+        gk.append_kv_cache(k_all[:, lo:hi], v_all[:, lo:hi], k, v, lens, block_table=table)
+    assert lens.tolist() == [total, total]
+    out = gk.decode_attention(q_all[:, -4:], k, v, lens, block_table=table, num_splits=2)
+    prefill = gk.flash_attention(q_all, k_all, v_all, causal=True)[:, -4:]
+    want, _ = ref.decode_attention(q_all[:, -4:], k_all, v_all, lens)
+    assert_close("decode", out, want)
+    assert_close("decode vs flash_attention", out, prefill.double())

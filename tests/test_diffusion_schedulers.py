@@ -2,7 +2,8 @@
 sequence: each sampler x prediction type, fp32 / bf16 / fp16, with and without fused guidance.
 
 Reference: diffusers' scheduler fed float64 tensors. Baseline (for the tolerance rule):
-diffusers' scheduler in the latent dtype with the pipeline's CFG ops. Noise: every
+diffusers' scheduler in the latent dtype with the pipeline's CFG ops (and ``rescale_noise_cfg``
+for the guidance-rescale cases). Noise: every
 ``randn_tensor`` call (diffusers' and ours, through ``generator=``) returns the next tensor of
 one fixed float64 sequence, rounded to the requested dtype.
 """
@@ -48,6 +49,18 @@ CASES = {
                    dict(num_train_timesteps=1000, shift=3.0), 20, {}),
     "flow_euler_stochastic": (diffusers.FlowMatchEulerDiscreteScheduler, gkd.FusedFlowMatchEulerDiscreteScheduler,
                               dict(num_train_timesteps=1000, shift=3.0, stochastic_sampling=True), 10, {}),
+    # dynamic thresholding (diffusers' _threshold_sample) and guidance rescale (rescale_noise_cfg)
+    "ddim_threshold": (diffusers.DDIMScheduler, gkd.FusedDDIMScheduler,
+                       _ddpm_config(thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=3.0), 12,
+                       {"eta": 0.4}),
+    "ddpm_threshold": (diffusers.DDPMScheduler, gkd.FusedDDPMScheduler,
+                       _ddpm_config(thresholding=True, dynamic_thresholding_ratio=0.95, sample_max_value=2.0), 10, {}),
+    "dpmpp_2m_threshold": (diffusers.DPMSolverMultistepScheduler, gkd.FusedDPMSolverMultistepScheduler,
+                           _ddpm_config(thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=2.5), 12,
+                           {}),
+    "ddim_rescale": (diffusers.DDIMScheduler, gkd.FusedDDIMScheduler, _ddpm_config(), 10, {"guidance_rescale": 0.7}),
+    "euler_rescale": (diffusers.EulerDiscreteScheduler, gkd.FusedEulerDiscreteScheduler, _ddpm_config(), 10,
+                      {"guidance_rescale": 0.5}),
 }
 PREDICTIONS = {
     "ddim": ["epsilon", "v_prediction", "sample"],
@@ -57,7 +70,8 @@ PREDICTIONS = {
     "dpmpp": ["epsilon", "v_prediction", "sample"],
     "flow": [None],
 }
-PARAMS = [(c, p) for c in CASES for p in PREDICTIONS[next(k for k in PREDICTIONS if c.startswith(k))]]
+PARAMS = [(c, p) for c in CASES for p in PREDICTIONS[next(k for k in PREDICTIONS if c.startswith(k))]
+          if not c.endswith("_rescale") or p == "v_prediction"]  # rescale: the v-prediction models use it
 
 _RANDN_MODULES = [
     "diffusers.schedulers.scheduling_ddim",
@@ -87,6 +101,15 @@ def fixed_noise(monkeypatch, sequence):
     yield
 
 
+def rescale_noise_cfg(noise_cfg, noise_pred_text, guidance_rescale=0.0):
+    """diffusers' pipeline function of that name (its module imports transformers, which the test
+    extra does not install): std over the non-batch dims, then a mix by `guidance_rescale`."""
+    dims = list(range(1, noise_pred_text.ndim))
+    std_text = noise_pred_text.std(dim=dims, keepdim=True)
+    std_cfg = noise_cfg.std(dim=dims, keepdim=True)
+    return guidance_rescale * (noise_cfg * (std_text / std_cfg)) + (1 - guidance_rescale) * noise_cfg
+
+
 def _model(x: torch.Tensor, t, k: int, cond_bias: torch.Tensor, cfg: bool) -> torch.Tensor:
     """A fixed dummy denoiser: smooth in x, different per step, [uncond; cond] under guidance."""
     base = torch.tanh(0.5 * x.double()) * 0.8 + 0.05 * (k % 3)
@@ -96,6 +119,9 @@ def _model(x: torch.Tensor, t, k: int, cond_bias: torch.Tensor, cfg: bool) -> to
 
 
 def _trajectory(cls, config, steps, step_kw, dtype, noise, cfg, fused, monkeypatch):
+    step_kw = dict(step_kw)
+    rescale = step_kw.pop("guidance_rescale", 0.0) if cfg else 0.0  # a guidance option: no effect without cfg
+    step_kw.pop("guidance_rescale", None)
     sched = cls.from_config(config)
     sched.set_timesteps(steps)
     gen = torch.Generator().manual_seed(0)
@@ -108,11 +134,14 @@ def _trajectory(cls, config, steps, step_kw, dtype, noise, cfg, fused, monkeypat
             xin = sched.scale_model_input(x, t) if hasattr(sched, "scale_model_input") else x
             mo = _model(xin, t, k, cond_bias, cfg)
             if fused and cfg:
-                x = sched.step(mo, t, x, generator=gen, guidance_scale=w, **step_kw).prev_sample
+                x = sched.step(mo, t, x, generator=gen, guidance_scale=w, guidance_rescale=rescale,
+                               **step_kw).prev_sample  # fmt: skip
             else:
                 if cfg:  # the pipeline's CFG ops, in the latent dtype
                     u, c = mo.chunk(2)
                     mo = u + w * (c - u)
+                    if rescale:
+                        mo = rescale_noise_cfg(mo, c, guidance_rescale=rescale)
                 x = sched.step(mo, t, x, generator=gen, **step_kw).prev_sample
     return x
 
@@ -136,7 +165,8 @@ def test_trajectory_matches_diffusers(case, prediction, cfg, dtype, monkeypatch)
 
 @pytest.mark.emulated
 @pytest.mark.skipif(not has_emulation(), reason="built without CUDA emulation")
-@pytest.mark.parametrize("case", ["ddim_clip", "euler_churn", "dpmpp_2m_sde", "flow_euler"])
+@pytest.mark.parametrize("case", ["ddim_clip", "euler_churn", "dpmpp_2m_sde", "flow_euler", "ddim_threshold",
+                                  "dpmpp_2m_threshold", "euler_rescale"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_trajectory_emulated_cuda(case, dtype, monkeypatch):
     ref_cls, fused_cls, config, steps, step_kw = CASES[case]

@@ -119,3 +119,23 @@ def test_append_opcheck():
     lens = torch.tensor([3, 5], dtype=torch.int32)
     args = (torch.randn(2, 1, 1, 64), torch.randn(2, 1, 1, 64), k, v, lens, table, None, None, False)
     torch.library.opcheck(torch.ops.genkernels.append_kv_cache.default, args, test_utils=("test_schema", "test_faketensor"))
+
+
+def test_rotary_opcheck_and_compile():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 4, 64, generator=g)
+    cos, sin = tables(16, 32, g)
+    pos = torch.tensor([[0, 1, 2], [5, 6, 7]], dtype=torch.int32)
+    torch.library.opcheck(torch.ops.genkernels.apply_rotary.default, (x, cos, sin, pos, True))
+    k, v, table = make_cache(2, 32, 4, 64, torch.float32, 16, g)
+    lens = torch.tensor([3, 5], dtype=torch.int32)
+
+    def step(x, lens):
+        gk.append_kv_cache(x, x, k, v, lens, block_table=table, rotary_cos=cos, rotary_sin=sin)
+        return gk.decode_attention(gk.apply_rotary(x, cos, sin, lens - 3), k, v, lens, block_table=table)
+
+    want = step(x, lens.clone())
+    lens2 = torch.tensor([3, 5], dtype=torch.int32)
+    got = torch.compile(step)(x, lens2)
+    assert lens2.tolist() == [6, 8]
+    torch.testing.assert_close(got, want, rtol=0, atol=0)

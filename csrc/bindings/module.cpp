@@ -362,23 +362,25 @@ void gaussian_noise(int device, int dtype, uintptr_t out, int64_t n, uint64_t se
 py::tuple diffusion_step_coeffs(int sampler, int prediction, double alpha_prod_t, double alpha_prod_prev, double eta,
                                 bool use_clipped_model_output, bool variance_large, bool add_noise, double clip,
                                 double sigma_prev, double sigma, double sigma_next, double gamma, double s_noise,
-                                int order, bool sde, bool flow_sigmas) {
+                                int order, bool sde, bool flow_sigmas, bool keep_x0) {
   gk::StepScalars in;
   in.alpha_prod_t = alpha_prod_t, in.alpha_prod_prev = alpha_prod_prev, in.eta = eta;
   in.use_clipped_model_output = use_clipped_model_output, in.variance_large = variance_large;
   in.add_noise = add_noise, in.clip = clip;
   in.sigma_prev = sigma_prev, in.sigma = sigma, in.sigma_next = sigma_next, in.gamma = gamma, in.s_noise = s_noise;
-  in.order = order, in.sde = sde, in.flow_sigmas = flow_sigmas;
+  in.order = order, in.sde = sde, in.flow_sigmas = flow_sigmas, in.keep_x0 = keep_x0;
   const gk::StepCoeffs k = gk::step_coeffs(sampler, prediction, in);
   return py::make_tuple(k.px, k.pm, k.pz, k.cx, k.cm, k.c0, k.ch, k.cz, k.clip);
 }
 
-// One fused step over n contiguous elements; see csrc/core/diffusion_step.h.
+// One fused step over n contiguous elements of `batch` items; see csrc/core/diffusion_step.h.
+// per_sample: 2 * batch floats of workspace for guidance_rescale / dynamic thresholding.
 void diffusion_step(int device, int dtype, int64_t n, uintptr_t model_uncond, uintptr_t model_cond, double guidance,
                     uintptr_t sample, uintptr_t history, uintptr_t noise, uintptr_t prev_sample,
                     uintptr_t pred_original, double px, double pm, double pz, double cx, double cm, double c0,
                     double ch, double cz, double clip, uint64_t seed, uint64_t offset, uintptr_t stream,
-                    int num_threads) {
+                    int num_threads, int64_t batch, double guidance_rescale, double threshold_ratio,
+                    double threshold_max, uintptr_t per_sample) {
   const Device dev = device_of(device);
   require(n >= 0, "diffusion_step: negative size");
   require(num_threads >= 1, "diffusion_step: num_threads must be >= 1");
@@ -396,7 +398,14 @@ void diffusion_step(int device, int dtype, int64_t n, uintptr_t model_uncond, ui
   k.px = px, k.pm = pm, k.pz = pz, k.cx = cx, k.cm = cm, k.c0 = c0, k.ch = ch, k.cz = cz, k.clip = clip;
   p.set_coeffs(k);
   p.seed = seed, p.offset = offset;
+  p.batch = batch, p.guidance_rescale = float(guidance_rescale), p.threshold_ratio = float(threshold_ratio);
+  p.threshold_max = float(threshold_max), p.per_sample = as_ptr<float>(per_sample);
+  require(batch >= 1 && n % batch == 0, "diffusion_step: batch must be >= 1 and divide the size");
+  require(threshold_ratio >= 0 && threshold_ratio <= 1, "diffusion_step: threshold_ratio must be in [0, 1]");
+  require(!p.thresholds() || clip == 0, "diffusion_step: clip and dynamic thresholding are exclusive");
+  require(!p.rescales() || p.model_cond, "diffusion_step: guidance_rescale needs guidance (the conditional half)");
   if (n == 0) return;
+  require(!p.needs_reduction() || p.per_sample, "diffusion_step: null per-sample workspace");
   require(p.model_uncond && p.sample && p.prev_sample, "diffusion_step: null pointer");
   require(p.ch == 0.f || p.history, "diffusion_step: the update uses the history but none was given");
   void* s = as_ptr<void>(stream);
@@ -461,6 +470,6 @@ PYBIND11_MODULE(_C, m) {
         py::arg("use_clipped_model_output") = false, py::arg("variance_large") = false, py::arg("add_noise") = false,
         py::arg("clip") = 0.0, py::arg("sigma_prev") = 0.0, py::arg("sigma") = 0.0, py::arg("sigma_next") = 0.0,
         py::arg("gamma") = 0.0, py::arg("s_noise") = 1.0, py::arg("order") = 1, py::arg("sde") = false,
-        py::arg("flow_sigmas") = false);
+        py::arg("flow_sigmas") = false, py::arg("keep_x0") = false);
   m.def("diffusion_step", &diffusion_step, py::call_guard<py::gil_scoped_release>());
 }

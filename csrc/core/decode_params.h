@@ -139,8 +139,14 @@ GK_HOST_DEVICE GK_INLINE int64_t cache_token_offset(const int32_t* block_table, 
                                                     int64_t page_size, const int64_t (&stride)[3], int64_t b,
                                                     int64_t t) {
   if (!block_table) return b * stride[0] + t * stride[1];
-  const int64_t page = block_table[b * block_table_stride + t / page_size];
-  return page * stride[0] + (t % page_size) * stride[1];
+  // page_size is a power of two (checked by the bindings): shift and mask, no 64-bit division
+#if defined(__CUDA_ARCH__)
+  const int shift = __ffsll(page_size) - 1;
+#else
+  const int shift = __builtin_ctzll(static_cast<unsigned long long>(page_size));
+#endif
+  const int64_t page = block_table[b * block_table_stride + (t >> shift)];
+  return page * stride[0] + (t & (page_size - 1)) * stride[1];
 }
 
 }  // namespace gk

@@ -32,6 +32,7 @@ struct StepScalars {
   int order = 1;                          // DPM-Solver++: 1 or 2
   bool sde = false;                       // DPM-Solver++: sde-dpmsolver++; flow Euler: stochastic sampling
   bool flow_sigmas = false;               // DPM-Solver++: alpha = 1 - sigma
+  bool keep_x0 = false;                   // dynamic thresholding: x0 stays a separate quantity (c0)
 };
 
 namespace coeffs_detail {
@@ -61,13 +62,13 @@ inline Lin x0_alpha_sigma(Prediction p, double alpha, double sigma, const char* 
 }
 
 // Fills `out` from the forms of x0 and of the update; x0 stays a separate quantity only when
-// it is clipped.
-inline StepCoeffs finish(const Lin& x0, const Lin& prev, double clip) {
+// it is clipped or thresholded (keep).
+inline StepCoeffs finish(const Lin& x0, const Lin& prev, double clip, bool keep = false) {
   StepCoeffs k;
   k.px = x0.x, k.pm = x0.m, k.pz = x0.z;
   k.clip = clip;
   Lin u = prev;
-  if (clip <= 0) u = Lin{u.x, u.m, u.z, 0, u.h} + u.x0 * x0;
+  if (clip <= 0 && !keep) u = Lin{u.x, u.m, u.z, 0, u.h} + u.x0 * x0;
   k.cx = u.x, k.cm = u.m, k.cz = u.z, k.c0 = u.x0, k.ch = u.h;
   return k;
 }
@@ -85,7 +86,7 @@ inline StepCoeffs ddim(Prediction p, const StepScalars& s) {
   const double direction = std::sqrt(1 - s.alpha_prod_prev - std_dev * std_dev);
   Lin prev = std::sqrt(s.alpha_prod_prev) * kX0 + direction * eps;
   if (s.eta > 0) prev = prev + std_dev * kZ;
-  return finish(x0, prev, s.clip);
+  return finish(x0, prev, s.clip, s.keep_x0);
 }
 
 inline StepCoeffs ddpm(Prediction p, const StepScalars& s) {
@@ -100,7 +101,7 @@ inline StepCoeffs ddpm(Prediction p, const StepScalars& s) {
     const double small = std::fmax(beta_prod_prev / beta_prod_t * current_beta, 1e-20);
     prev = prev + std::sqrt(s.variance_large ? current_beta : small) * kZ;
   }
-  return finish(x0, prev, s.clip);
+  return finish(x0, prev, s.clip, s.keep_x0);
 }
 
 // Karras-style sigma parameterisation (x = x0 + sigma eps, scaled model input).
@@ -160,7 +161,7 @@ inline StepCoeffs dpmpp_2m(Prediction p, const StepScalars& s) {
     prev = (sigma_t / sigma_s0 * std::exp(-h)) * kX + e * kX0 + 0.5 * e * d1 +
            (sigma_t * std::sqrt(1.0 - std::exp(-2.0 * h))) * kZ;
   }
-  return finish(x0, prev, 0);
+  return finish(x0, prev, 0, s.keep_x0);
 }
 
 inline StepCoeffs flow_euler(Prediction p, const StepScalars& s) {
@@ -175,6 +176,9 @@ inline StepCoeffs flow_euler(Prediction p, const StepScalars& s) {
 /// unknown code, an unsupported combination or an out-of-range value.
 inline StepCoeffs step_coeffs(int sampler, int prediction, const StepScalars& s) {
   coeffs_detail::require(prediction >= 0 && prediction <= 3, "unknown prediction type code " + std::to_string(prediction));
+  coeffs_detail::require(!s.keep_x0 || sampler == int(Sampler::kDDIM) || sampler == int(Sampler::kDDPM) ||
+                             sampler == int(Sampler::kDPMSolverPP2M),
+                         "dynamic thresholding is supported by the ddim, ddpm and dpmpp_2m steps only (as in diffusers)");
   const auto p = static_cast<Prediction>(prediction);
   switch (static_cast<Sampler>(sampler)) {
     case Sampler::kDDIM: return coeffs_detail::ddim(p, s);

@@ -23,6 +23,35 @@ struct MergeFactors {
   float other;
 };
 
+// The rescale rule, written once for a float and for a SIMD vector of them (one state per lane):
+// a state with max m meets scores (or a second state) with max m2. Both sides are re-expressed
+// against m_new = max(m, m2): the exponent base is m_new, or 0 while m_new = -inf (nothing seen
+// yet), so that exp(s - base) of masked scores is exp(-inf) = 0 rather than exp(-inf + inf) =
+// NaN; the old accumulators (d and o) are multiplied by self = exp(m - base). Then
+//   d_new = d * self + sum_j exp(s_j - base)   (or + d2 * exp(m2 - base) for a state).
+// Ops supplies max (NaN in either operand must reach the result or the base), exp and
+// select_empty(m_new, zero, x) = (m_new == -inf ? zero : x): see ScalarSoftmaxOps, and the
+// SIMD ops of the CPU attention kernels.
+template <class V>
+struct SoftmaxRescale {
+  V m_new, base, self;
+};
+template <class Ops, class V>
+GK_HOST_DEVICE GK_INLINE SoftmaxRescale<V> softmax_rescale(V m, V m2) {
+  const V m_new = Ops::max(m, m2);
+  const V base = Ops::select_empty(m_new, Ops::zero(), m_new);
+  return {m_new, base, Ops::exp(m - base)};
+}
+
+struct ScalarSoftmaxOps {
+  // `a > b` is false when either is NaN, so a NaN on either side lands in the result or in the
+  // exponent and propagates; +inf gives exp(inf - inf) = NaN on purpose.
+  GK_HOST_DEVICE static float max(float a, float b) { return a > b ? a : b; }
+  GK_HOST_DEVICE static float exp(float x) { return expf(x); }
+  GK_HOST_DEVICE static float zero() { return 0.f; }
+  GK_HOST_DEVICE static float select_empty(float m, float zero, float x) { return m == -INFINITY ? zero : x; }
+};
+
 // Folds statistics (m2, d2) into (m, d) and returns the rescale factors. An empty other side
 // returns {1, 0} and the caller must skip its accumulator (0 * NaN would still be NaN).
 GK_HOST_DEVICE GK_INLINE MergeFactors merge_softmax_stats(float& m, float& d, float m2, float d2) {
@@ -32,13 +61,12 @@ GK_HOST_DEVICE GK_INLINE MergeFactors merge_softmax_stats(float& m, float& d, fl
     d = d2;
     return {0.f, 1.f};
   }
-  // `m > m2` is false when either is NaN, so a NaN on either side lands in m_new or in the
-  // exponent below and propagates; +inf gives exp(inf - inf) = NaN on purpose.
-  const float m_new = m > m2 ? m : m2;
-  const float self = expf(m - m_new), other = expf(m2 - m_new);
-  d = d * self + d2 * other;
-  m = m_new;
-  return {self, other};
+  // Both sides non-empty: base = m_new (or NaN), the rule of softmax_rescale.
+  const SoftmaxRescale<float> r = softmax_rescale<ScalarSoftmaxOps>(m, m2);
+  const float other = expf(m2 - r.base);
+  d = d * r.self + d2 * other;
+  m = r.m_new;
+  return {r.self, other};
 }
 
 // log-sum-exp of a state; -inf for the empty state.

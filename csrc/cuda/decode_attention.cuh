@@ -11,6 +11,8 @@
 // writes the output and LSE; with more it writes fp32 partials that decode_combine_kernel
 // merges (SoftmaxStats again, as the merge op). Traffic: the visible K and V once per row block.
 // Numerics: fp32 scores, softmax and accumulation; output rounded once.
+// Shared memory (DecodeTraits::kSmemBytes): 16-32 KiB, 64 KiB for fp32 with head dim 256.
+// kernel-report: dynamic-smem decode_attention_kernel 65536
 #pragma once
 #include <algorithm>
 #include <cstdint>

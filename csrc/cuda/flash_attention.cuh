@@ -23,8 +23,6 @@
 #include "cuda/flash_attention_traits.cuh"
 #include "cuda/ptx.cuh"
 
-// kernel-report: dynamic-smem flash_attention_kernel 101376
-
 namespace gk::GK_CUDA_NS {
 
 namespace flash_detail {
@@ -61,20 +59,35 @@ struct alignas(16) Chunk16 {
   uint32_t v[4];
 };
 
-// Copies `rows` rows of a tile (rows [row0, row0 + rows) of a sequence with `valid_rows` rows) into
-// padded shared memory with 16-byte cp.async; rows past the end are zero-filled, so that no
-// stale or NaN value of shared memory can reach an MMA.
+// Copies rows [row0, row0 + kRows) of a sequence with `valid_rows` rows into padded shared
+// memory with 16-byte cp.async; rows past the end are zero-filled, so that no stale or NaN value
+// of shared memory can reach an MMA. When a row is a divisor of the block's chunks, a thread
+// copies one column of chunks and walks down the rows with a running pointer: the unrolled
+// loop then keeps one 64-bit address live instead of one per copy.
 template <class Tr, int kRows, class T>
-GK_DEVICE GK_INLINE void copy_tile_async(T* dst, const T* base, int64_t token_stride, int64_t row0,
-                                         int64_t valid_rows, int tid) {
+GK_DEVICE GK_INLINE void copy_tile_async(T* dst, const T* base, int64_t token_stride, int row0, int valid_rows,
+                                         int tid) {
   constexpr int kPerThread = kRows * Tr::kChunksPerRow / Tr::kThreads;
+  if constexpr (Tr::kThreads % Tr::kChunksPerRow == 0) {
+    constexpr int kRowStep = Tr::kThreads / Tr::kChunksPerRow;
+    const int r0 = tid / Tr::kChunksPerRow, col = (tid % Tr::kChunksPerRow) * Tr::kChunk;
+    const T* src = base + int64_t(row0 + r0) * token_stride + col;
+    const int64_t step = kRowStep * token_stride;
 #pragma unroll
-  for (int i = 0; i < kPerThread; ++i) {
-    const int c = tid + i * Tr::kThreads;
-    const int r = c / Tr::kChunksPerRow, col = (c % Tr::kChunksPerRow) * Tr::kChunk;
-    const bool valid = row0 + r < valid_rows;
-    const T* src = base + (valid ? (row0 + r) * token_stride : 0) + col;
-    ptx::cp_async_16_zfill(dst + r * Tr::kRowStride + col, src, valid);
+    for (int i = 0; i < kPerThread; ++i) {
+      const bool valid = row0 + r0 + i * kRowStep < valid_rows;
+      ptx::cp_async_16_zfill(dst + (r0 + i * kRowStep) * Tr::kRowStride + col, valid ? src : base, valid);
+      src += step;
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < kPerThread; ++i) {
+      const int c = tid + i * Tr::kThreads;
+      const int r = c / Tr::kChunksPerRow, col = (c % Tr::kChunksPerRow) * Tr::kChunk;
+      const bool valid = row0 + r < valid_rows;
+      const T* src = base + (valid ? int64_t(row0 + r) * token_stride : 0) + col;
+      ptx::cp_async_16_zfill(dst + r * Tr::kRowStride + col, src, valid);
+    }
   }
 }
 
@@ -83,7 +96,7 @@ GK_DEVICE GK_INLINE void copy_tile_async(T* dst, const T* base, int64_t token_st
 // ================================================================================== kernels
 
 template <class T, int kHeadDim>
-__global__ void __launch_bounds__(FlashTraits<T, kHeadDim>::kThreads) flash_attention_kernel(const FlashParams p) {
+__global__ void __launch_bounds__(FlashTraits<T, kHeadDim>::kThreads, FlashTraits<T, kHeadDim>::kMinBlocksPerSm) flash_attention_kernel(const FlashParams p) {
   using Tr = FlashTraits<T, kHeadDim>;
   using namespace flash_detail;
   constexpr int kBlockM = Tr::kBlockM, kBlockN = Tr::kBlockN, kLd = Tr::kRowStride;
@@ -95,8 +108,9 @@ __global__ void __launch_bounds__(FlashTraits<T, kHeadDim>::kThreads) flash_atte
   const int b = blockIdx.z, h = blockIdx.y;
   // Causal / windowed blocks near the end of the sequence have the most keys: start them first.
   const int m_block = p.causal ? int(gridDim.x) - 1 - int(blockIdx.x) : int(blockIdx.x);
-  const int64_t sq = p.seqlen_q_of(b), sk = p.seqlen_k_of(b);
-  const int64_t m0 = int64_t(m_block) * kBlockM;
+  // Lengths and positions fit in int (the bindings require sequences shorter than 2^24).
+  const int sq = int(p.seqlen_q_of(b)), sk = int(p.seqlen_k_of(b));
+  const int m0 = m_block * kBlockM;
   if (m0 >= sq) return;  // varlen: this sequence is shorter than max_seqlen_q
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
   const int64_t kvh = h / p.group();
@@ -108,17 +122,17 @@ __global__ void __launch_bounds__(FlashTraits<T, kHeadDim>::kThreads) flash_atte
   // Keys of the block: [n_lo, n_hi) are seen by some row, [full_lo, full_hi) by every row (the
   // key ranges of flash_key_range are monotone in the row), so only tiles outside the latter
   // need the per-element mask.
-  const int64_t m_last = (m0 + kBlockM < sq ? m0 + kBlockM : sq) - 1;
+  const int m_last = (m0 + kBlockM < sq ? m0 + kBlockM : sq) - 1;
   const FlashKeyRange first = flash_key_range(p, m0, sq, sk), last = flash_key_range(p, m_last, sq, sk);
-  const int64_t n_lo = first.lo, n_hi = last.hi > first.lo ? last.hi : first.lo;
-  const int64_t full_lo = last.lo, full_hi = first.hi;
-  const int tile_begin = int(n_lo / kBlockN), tile_end = int((n_hi + kBlockN - 1) / kBlockN);
+  const int n_lo = int(first.lo), n_hi = int(last.hi > first.lo ? last.hi : first.lo);
+  const int full_lo = int(last.lo), full_hi = int(first.hi);
+  const int tile_begin = n_lo / kBlockN, tile_end = (n_hi + kBlockN - 1) / kBlockN;
 
   // This thread's two rows (g and g + 8 of the warp's slab): visible keys, position.
   int row_lo[2], row_hi[2], row_pos[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    const int64_t i = m0 + warp * 16 + g + 8 * r;
+    const int i = m0 + warp * 16 + g + 8 * r;
     const FlashKeyRange kr = flash_key_range(p, i, sq, sk);
     row_lo[r] = int(kr.lo), row_hi[r] = int(kr.hi), row_pos[r] = int(i + sk - sq);
   }
@@ -138,8 +152,8 @@ __global__ void __launch_bounds__(FlashTraits<T, kHeadDim>::kThreads) flash_atte
   if (tile_begin < tile_end) {
     // Prologue: Q and the first K/V tile in one group.
     copy_tile_async<Tr, kBlockM>(sQ, q_base, p.q_stride[1], m0, sq, tid);
-    copy_tile_async<Tr, kBlockN>(sK, k_base, p.k_stride[1], int64_t(tile_begin) * kBlockN, sk, tid);
-    copy_tile_async<Tr, kBlockN>(sV, v_base, p.v_stride[1], int64_t(tile_begin) * kBlockN, sk, tid);
+    copy_tile_async<Tr, kBlockN>(sK, k_base, p.k_stride[1], tile_begin * kBlockN, sk, tid);
+    copy_tile_async<Tr, kBlockN>(sV, v_base, p.v_stride[1], tile_begin * kBlockN, sk, tid);
     ptx::cp_async_commit_group();
   }
   const T* const q_warp = sQ + warp * 16 * kLd;
@@ -151,8 +165,8 @@ __global__ void __launch_bounds__(FlashTraits<T, kHeadDim>::kThreads) flash_atte
     // "everything but the prefetch has landed".
     if (tile + 1 < tile_end) {
       const int next = (stage + 1) % Tr::kStages;
-      copy_tile_async<Tr, kBlockN>(sK + next * Tr::kTileElems, k_base, p.k_stride[1], int64_t(tile + 1) * kBlockN, sk, tid);
-      copy_tile_async<Tr, kBlockN>(sV + next * Tr::kTileElems, v_base, p.v_stride[1], int64_t(tile + 1) * kBlockN, sk, tid);
+      copy_tile_async<Tr, kBlockN>(sK + next * Tr::kTileElems, k_base, p.k_stride[1], (tile + 1) * kBlockN, sk, tid);
+      copy_tile_async<Tr, kBlockN>(sV + next * Tr::kTileElems, v_base, p.v_stride[1], (tile + 1) * kBlockN, sk, tid);
     }
     ptx::cp_async_commit_group();
     ptx::cp_async_wait_group<1>();
@@ -165,7 +179,7 @@ __global__ void __launch_bounds__(FlashTraits<T, kHeadDim>::kThreads) flash_atte
     float s[Tr::kScoreTiles][4];
 #pragma unroll
     for (int j = 0; j < Tr::kScoreTiles; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
-#pragma unroll
+#pragma unroll(Tr::kQKUnroll)
     for (int kk = 0; kk < Tr::kQKSteps; ++kk) {
       // A: matrices (rows 0-7, 8-15) x (k 0-7, 8-15); lane l addresses row l % 16, half l / 16.
       uint32_t a[4];
@@ -265,7 +279,7 @@ __global__ void __launch_bounds__(FlashTraits<T, kHeadDim>::kThreads) flash_atte
 #pragma unroll
   for (int c = lane; c < 16 * Tr::kChunksPerRow; c += 32) {
     const int r = c / Tr::kChunksPerRow, col = (c % Tr::kChunksPerRow) * Tr::kChunk;
-    const int64_t i = m0 + warp * 16 + r;
+    const int i = m0 + warp * 16 + r;
     if (i < sq)
       *reinterpret_cast<Chunk16*>(o_base + i * p.out_stride[1] + col) = *reinterpret_cast<const Chunk16*>(o_warp + r * kLd + col);
   }

@@ -21,6 +21,9 @@ struct FlashTraits {
   static constexpr int kWarps = 4;
   static constexpr int kThreads = 32 * kWarps;
   static constexpr int kBlockM = 16 * kWarps;
+  // Occupancy hint for ptxas: 1. Left to itself, ptxas aims at 3 blocks per SM (168 registers)
+  // for head_dim 96 and then spills; occupancy is bounded by shared memory anyway (1-3 blocks).
+  static constexpr int kMinBlocksPerSm = 1;
 
   // Keys per K/V tile. Registers per thread: O accumulators kHeadDim / 2 floats + scores
   // kBlockN / 2 floats (+ fragments and addresses). 64 keys up to head_dim 128 (<= 96 floats of
@@ -56,6 +59,9 @@ struct FlashTraits {
   static constexpr int kScoreTiles = kBlockN / 8;   // n-tiles of S, 4 floats each per thread
   static constexpr int kOutTiles = kHeadDim / 8;    // n-tiles of O, 4 floats each per thread
   static constexpr int kQKSteps = kHeadDim / 16;    // k-steps of Q.K^T
+  // Unrolling all 16 k-steps of head_dim 256 lets the scheduler hoist Q/K fragment loads of
+  // many steps at once, which spills next to the 128 accumulators: unroll 4 steps at a time.
+  static constexpr int kQKUnroll = kQKSteps > 8 ? 4 : kQKSteps;
   static constexpr int kPVSteps = kBlockN / 16;     // k-steps of P.V
 };
 

@@ -58,13 +58,15 @@ define(
 )
 define(
     "diffusion_step(Tensor model_output, Tensor sample, float[] coeffs, float? guidance_scale, Tensor? history, "
-    "Tensor? noise, int seed, int offset, bool return_x0) -> (Tensor, Tensor)",
+    "Tensor? noise, int seed, int offset, bool return_x0, float guidance_rescale=0., float threshold_ratio=0., "
+    "float threshold_max=1.) -> (Tensor, Tensor)",
     _diffusion.step_impl,
     _diffusion.step_fake,
 )
 define(
     "diffusion_step_out(Tensor model_output, Tensor sample, float[] coeffs, float? guidance_scale, Tensor? history, "
-    "Tensor? noise, int seed, int offset, Tensor(a!) out, Tensor(b!)? x0_out) -> ()",
+    "Tensor? noise, int seed, int offset, Tensor(a!) out, Tensor(b!)? x0_out, float guidance_rescale=0., "
+    "float threshold_ratio=0., float threshold_max=1.) -> ()",
     _diffusion.step_out_impl,
     _diffusion.step_out_fake,
 )

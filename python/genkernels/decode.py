@@ -89,10 +89,13 @@ def check_cache(
     (page_size 0 and num_pages 0 for a contiguous cache)."""
     check_tensor(name_k, k_cache, ndim=4, dtypes=FLOAT_DTYPES, last_dim_contiguous=True)
     check_tensor(name_v, v_cache, ndim=4, dtypes=FLOAT_DTYPES, last_dim_contiguous=True)
-    check_shape(name_v, v_cache, k_cache.shape, f"the shape of {name_k}")
-    check_same_dtype(**{name_k: k_cache, name_v: v_cache})
+    if v_cache.shape != k_cache.shape:
+        check_shape(name_v, v_cache, k_cache.shape, f"the shape of {name_k}")
+    if v_cache.dtype != k_cache.dtype:
+        check_same_dtype(**{name_k: k_cache, name_v: v_cache})
     check_tensor("cache_seqlens", cache_seqlens, ndim=1, dtypes=(torch.int32,), contiguous=True)
-    check_shape("cache_seqlens", cache_seqlens, (batch,), "(batch,)")
+    if cache_seqlens.shape[0] != batch:
+        check_shape("cache_seqlens", cache_seqlens, (batch,), "(batch,)")
     if block_table is None:
         if k_cache.shape[0] != batch:
             raise ValueError(
@@ -145,8 +148,10 @@ def _validate(q, k_cache, v_cache, cache_seqlens, block_table, window_left, wind
             raise ValueError(f"alibi_slopes must have shape ({heads_q},) or ({batch}, {heads_q}), got {tuple(alibi_slopes.shape)}")
     if not isinstance(num_splits, int) or not 0 <= num_splits <= 1024:
         raise ValueError(f"num_splits must be an int in [0, 1024] (0: automatic), got {num_splits!r}")
-    check_same_device(q=q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=cache_seqlens, block_table=block_table,
-                      alibi_slopes=alibi_slopes)  # fmt: skip
+    dev = q.device
+    if any(t is not None and t.device != dev for t in (k_cache, v_cache, cache_seqlens, block_table, alibi_slopes)):
+        check_same_device(q=q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=cache_seqlens, block_table=block_table,
+                          alibi_slopes=alibi_slopes)  # fmt: skip  (raises, naming the tensor)
     return batch, seqlen_q, heads_q, heads_kv, head_dim, capacity, page_size, num_pages
 
 

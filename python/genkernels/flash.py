@@ -22,6 +22,7 @@ import torch
 
 from . import _native
 from ._checks import FLOAT_DTYPES, check_same_device, check_same_dtype, check_tensor, require_tensors
+from .tools.instantiations import FLASH_HEAD_DIMS
 
 MAX_HEAD_DIM = 256
 CUDA_DTYPES = (torch.float16, torch.bfloat16)
@@ -148,6 +149,8 @@ def _check_common(q, k, v, window_left, window_right, softcap, alibi_slopes, bat
             raise ValueError(f"alibi_slopes must have shape ({hq},) or ({batch}, {hq}), got {tuple(alibi_slopes.shape)}")
     if _native.device_code(q) != _native.DEVICE_CPU and q.dtype not in CUDA_DTYPES:
         raise TypeError(f"q has dtype {q.dtype}; the CUDA kernel takes float16 or bfloat16")
+    if _native.device_code(q) != _native.DEVICE_CPU and d not in FLASH_HEAD_DIMS:
+        raise ValueError(f"head_dim {d} has no CUDA flash-attention kernel; supported: {FLASH_HEAD_DIMS}")
 
 
 def _validate_dense(q, k, v, wl, wr, softcap, alibi_slopes) -> None:
@@ -176,6 +179,14 @@ def _validate_varlen(q, k, v, cu_q, cu_k, max_q, max_k, wl, wr, softcap, alibi_s
             raise ValueError(f"{name} must be >= 0, got {x}")
 
 
+def _check_cuda_layout(**tensors) -> None:
+    # the CUDA kernel moves whole 16-byte chunks with cp.async (csrc/cuda/flash_attention.cuh)
+    for name, t in tensors.items():
+        chunk = 16 // t.element_size()
+        if t.data_ptr() % 16 or any(s % chunk for s in t.stride()[:-1]):
+            raise ValueError(f"{name} must be 16-byte aligned with strides that are multiples of {chunk} elements on CUDA")
+
+
 # ------------------------------------------------------------------ implementation
 def _lse_output(shape, want: bool, device) -> torch.Tensor:
     return _native.new_output(shape if want else (0,), torch.float32, device)
@@ -189,6 +200,8 @@ def _launch(q, k, v, out, lse, cu_q, cu_k, alibi, batch, sq, sk, dense, causal, 
         qs, ks, vs, os = (0, *q.stride()[:2]), (0, *k.stride()[:2]), (0, *v.stride()[:2]), (0, *out.stride()[:2])
         ls = (0, *lse.stride()) if lse.numel() else (0, 0, 0)
     alibi_bstride = alibi.stride(0) if alibi is not None and alibi.dim() == 2 else 0
+    if _native.device_code(q) != _native.DEVICE_CPU:
+        _check_cuda_layout(q=q, k=k, v=v)
     _native._C.flash_attention(
         _native.device_code(q), _native.DTYPE_CODE[q.dtype],
         q.data_ptr(), *qs, k.data_ptr(), *ks, v.data_ptr(), *vs, out.data_ptr(), *os,

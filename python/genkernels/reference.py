@@ -181,3 +181,7 @@ def flash_attention(
         out[cq[b] : cq[b + 1]] = o
         lse[:, cq[b] : cq[b + 1]] = l
     return out, lse
+
+
+# ------------------------------------------------------------------ diffusion sampler steps (float64)
+from .diffusion import reference as diffusion  # noqa: E402  (genkernels.reference.diffusion.ddim_step, ...)

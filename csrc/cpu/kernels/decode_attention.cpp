@@ -11,6 +11,7 @@
 // the merge op does. OpenMP over the work items; compiled once per ISA level.
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 #include "core/decode_params.h"
 #include "core/softmax_state.h"
@@ -80,11 +81,22 @@ inline void load_row_f32(const T* src, float* dst, int64_t n, int64_t padded) {
 // Per-thread scratch, allocated once per call and reused across work items.
 struct Scratch {
   std::vector<float> q, acc, scores, kbuf, vbuf;
+  std::vector<bf16_t> qb;  // bf16 query rows (AVX-512 path)
   std::vector<SoftmaxStats> stats;
   std::vector<int64_t> lo, hi;
-  Scratch(int64_t rows, int64_t dp)
-      : q(rows * dp), acc(rows * dp), scores(rows * kTile), kbuf(kTile * dp), vbuf(kTile * dp), stats(rows), lo(rows), hi(rows) {}
+  // Sizes the buffers for `rows` query rows of `dp` padded dims; keeps their memory across calls.
+  void reserve(int64_t rows, int64_t dp) {
+    q.resize(rows * dp), acc.resize(rows * dp), scores.resize(rows * kTile), kbuf.resize(kTile * dp);
+    vbuf.resize(kTile * dp), qb.resize(rows * dp), stats.resize(rows), lo.resize(rows), hi.resize(rows);
+  }
 };
+
+// One scratch per OS thread, reused by every call: no allocation on the per-token path.
+Scratch& thread_scratch(int64_t rows, int64_t dp) {
+  static thread_local Scratch sc;
+  sc.reserve(rows, dp);
+  return sc;
+}
 
 // Scores of 4 keys against one query row: 4 independent accumulators.
 inline void dot4(const float* q, const float* const* k, int64_t dp, float* out) {
@@ -121,12 +133,24 @@ inline void accumulate_pv(float* acc, const float* p, const float* const* v, int
   }
 }
 
+#include "cpu/decode_attention_avx512.h"
+
+template <class T>
+void finish_rows(const DecodeParams& p, Scratch& sc, int64_t b, int64_t kvh, int split, int64_t dp);
+
 template <class T>
 void decode_work_item(const DecodeParams& p, Scratch& sc, int64_t b, int64_t kvh, int split) {
   const int64_t D = p.head_dim, dp = (D + W - 1) / W * W, G = p.group(), Sq = p.seqlen_q, R = Sq * G;
   const int64_t L = p.cache_seqlens[b];
   const KeyRange split_keys = split_range(visible_keys_all_queries(p, L), split, p.num_splits,
                                           p.paged() ? std::max<int64_t>(p.page_size, kTile) : kTile);
+#if defined(GK_SIMD_AVX512)
+  if (D % 64 == 0) {
+    decode_work_item_avx512<T>(p, sc, b, kvh, split_keys);
+    finish_rows<T>(p, sc, b, kvh, split, dp);
+    return;
+  }
+#endif
   // fp32 caches with whole vectors are read in place; others go through the fp32 tile buffers
   constexpr bool kDirect = std::is_same_v<T, float>;
   const bool direct = kDirect && D % W == 0;
@@ -188,7 +212,13 @@ void decode_work_item(const DecodeParams& p, Scratch& sc, int64_t b, int64_t kvh
     }
   }
 
-  // Finish: normalise and write the output, or the fp32 partial of this split.
+  finish_rows<T>(p, sc, b, kvh, split, dp);
+}
+
+// Finish a work item: normalise and write the output, or the fp32 partial of this split.
+template <class T>
+void finish_rows(const DecodeParams& p, Scratch& sc, int64_t b, int64_t kvh, int split, int64_t dp) {
+  const int64_t D = p.head_dim, G = p.group(), Sq = p.seqlen_q, R = Sq * G;
   for (int64_t r = 0; r < R; ++r) {
     const int64_t s = r / G, h = kvh * G + r % G;
     const float inv = sc.stats[r].inv_denominator(), lse = sc.stats[r].lse();
@@ -270,10 +300,14 @@ void decode_attention(const DecodeParams& params, int num_threads) {
   }
   const int64_t items = p.batch * p.heads_kv * p.num_splits;
   const int64_t rows = p.seqlen_q * p.group(), dp = (p.head_dim + W - 1) / W * W;
-  const int threads = int(std::max<int64_t>(1, std::min<int64_t>(num_threads, items)));
-#pragma omp parallel num_threads(threads)
+  // Small problems (short caches) stay on the calling thread: waking the team costs more.
+  int64_t keys = 0;
+  for (int64_t b = 0; b < p.batch; ++b) keys += p.cache_seqlens[b];
+  const bool small = keys * rows * p.heads_kv * p.head_dim < (int64_t(1) << 16);
+  const int threads = small ? 1 : int(std::max<int64_t>(1, std::min<int64_t>(num_threads, items)));
+#pragma omp parallel num_threads(threads) if (threads > 1)
   {
-    Scratch sc(rows, dp);
+    Scratch& sc = thread_scratch(rows, dp);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t i = 0; i < items; ++i) {
       const int split = int(i % p.num_splits);

@@ -1,13 +1,23 @@
-// CPU kernel: the fused denoising step (guidance, x0, clip, update, noise) and Philox noise.
+// CPU kernel: the fused denoising step (guidance, guidance rescale, x0, clip or dynamic
+// thresholding, update, noise) and Philox noise.
 //
 // Work: the latents are cut into blocks of kBlock elements, split statically across OpenMP
 // threads. Per block, in-kernel noise is first drawn into a small stack buffer (Philox per
 // group of 4 elements, csrc/core/philox.h, the same code as the CUDA kernel, so the noise is
-// bit-identical), then one SIMD pass reads each input once and writes prev (and x0) once.
+// bit-identical), then one SIMD pass reads each input once and writes prev (and x0) once; a
+// block that straddles two batch items is processed as two segments (per-sample scalars).
 // Traffic: (1 or 2 model-output + sample [+ history] [+ noise]) reads and 1-2 writes per
 // element; the op is memory bound without noise and Box-Muller bound with it.
+// Per-sample reductions (guidance_rescale, dynamic thresholding) run first, one batch item at
+// a time: the float64 sums of c, c^2, g, g^2 over blocks in parallel (partials combined in a
+// fixed order, so the result does not depend on the thread count), then |x0| of the item into
+// a scratch buffer and an exact selection of the two order statistics (std::nth_element, then
+// the minimum above it); this costs one extra read of the inputs and O(n) scratch per item.
 // Numerics: fp32 math, coefficients from csrc/core/diffusion_coeffs.h (float64, rounded once).
 // Compiled once per ISA level (GK_CPU_ISA_NS), see csrc/cpu/isa.h.
+#include <algorithm>
+#include <vector>
+
 #include "core/diffusion_step.h"
 #include "core/philox.h"
 #include "cpu/kernels.h"
@@ -38,13 +48,14 @@ void draw_gaussians(uint64_t seed, uint64_t offset, int64_t first, int64_t len, 
   for (int64_t i = 0; i < len; ++i) z[i] = zz[i & 3][i >> 2];
 }
 
+// Elements [i0, i0 + len) of one batch item, with its scalars: m scale k and threshold s (1
+// and 0 when unused); z holds the block's noise from element i0 on.
 template <class T>
-void step_block(const DiffusionStepParams& p, int64_t i0, int64_t len) {
-  alignas(64) float zbuf[kBlock];
+void step_segment(const DiffusionStepParams& p, int64_t i0, int64_t len, const float* zbuf, float k_scale,
+                  float thr) {
   const bool cfg = p.model_cond != nullptr, has_h = p.history != nullptr && p.ch != 0.f;
   const bool has_z = p.has_noise, z_from_tensor = has_z && p.noise != nullptr;
-  const bool want_x0 = p.needs_x0();
-  if (has_z && !z_from_tensor) draw_gaussians(p.seed, p.offset, i0, len, zbuf);
+  const bool want_x0 = p.needs_x0(), rescale = p.rescales(), threshold = p.thresholds();
   const T* u = static_cast<const T*>(p.model_uncond) + i0;
   const T* c = cfg ? static_cast<const T*>(p.model_cond) + i0 : nullptr;
   const T* x = static_cast<const T*>(p.sample) + i0;
@@ -54,15 +65,16 @@ void step_block(const DiffusionStepParams& p, int64_t i0, int64_t len) {
   T* x0_out = p.pred_original ? static_cast<T*>(p.pred_original) + i0 : nullptr;
 
   constexpr int W = VecF::kWidth;
-  const VecF g = VecF::set1(p.guidance), neg1 = VecF::set1(-1.f);
+  const VecF g = VecF::set1(p.guidance), neg1 = VecF::set1(-1.f), ks = VecF::set1(k_scale);
   const VecF px = VecF::set1(p.px), pm = VecF::set1(p.pm), pz = VecF::set1(p.pz);
   const VecF cx = VecF::set1(p.cx), cm = VecF::set1(p.cm), c0 = VecF::set1(p.c0), ch = VecF::set1(p.ch),
              cz = VecF::set1(p.cz);
-  const VecF neg_hi = VecF::set1(-p.clip);
+  const VecF neg_hi = VecF::set1(-p.clip), neg_s = VecF::set1(-thr), sv = VecF::set1(thr);
   int64_t i = 0;
   for (; i + W <= len; i += W) {
     VecF m = VecF::load(u + i);
     if (cfg) m = fmadd(g, fmadd(m, neg1, VecF::load(c + i)), m);  // u + w (c - u)
+    if (rescale) m = m * ks;
     const VecF xv = VecF::load(x + i);
     const VecF z = !has_z ? VecF::zero() : z_from_tensor ? VecF::load(zt + i) : VecF::load(zbuf + i);
     VecF acc = cx * xv;
@@ -71,6 +83,7 @@ void step_block(const DiffusionStepParams& p, int64_t i0, int64_t len) {
       VecF x0 = fmadd(pm, m, px * xv);
       if (has_z) x0 = fmadd(pz, z, x0);
       if (p.clip > 0.f) x0 = max(max(x0, neg_hi) * neg1, neg_hi) * neg1;  // min(max(x0, -c), c)
+      if (threshold) x0 = min(max(x0, neg_s), sv) / sv;                 // clamp(x0, -s, s) / s
       acc = fmadd(c0, x0, acc);
       if (x0_out) x0.store(x0_out + i);
     }
@@ -80,18 +93,104 @@ void step_block(const DiffusionStepParams& p, int64_t i0, int64_t len) {
   }
   for (; i < len; ++i) {
     const float uu = to_float(u[i]);
-    const float m = cfg ? guided(p, uu, to_float(c[i])) : uu;
+    float m = cfg ? guided(p, uu, to_float(c[i])) : uu;
+    if (rescale) m *= k_scale;
     const float xv = to_float(x[i]);
     const float z = !has_z ? 0.f : z_from_tensor ? to_float(zt[i]) : zbuf[i];
-    const float x0 = want_x0 ? step_x0(p, xv, m, z) : 0.f;
+    float x0 = want_x0 ? step_x0(p, xv, m, z) : 0.f;
+    if (threshold) x0 = threshold_x0(x0, thr);
     if (x0_out) x0_out[i] = from_float<T>(x0);
     out[i] = from_float<T>(step_prev(p, xv, m, x0, has_h ? to_float(h[i]) : 0.f, z));
+  }
+}
+
+template <class T>
+void step_block(const DiffusionStepParams& p, int64_t i0, int64_t len) {
+  alignas(64) float zbuf[kBlock];
+  if (p.has_noise && p.noise == nullptr) draw_gaussians(p.seed, p.offset, i0, len, zbuf);
+  if (!p.needs_reduction()) {
+    step_segment<T>(p, i0, len, zbuf, 1.f, 0.f);
+    return;
+  }
+  const int64_t per = p.sample_size();
+  for (int64_t s0 = i0; s0 < i0 + len;) {
+    const int64_t b = s0 / per, s1 = std::min(i0 + len, (b + 1) * per);
+    step_segment<T>(p, s0, s1 - s0, zbuf + (s0 - i0), p.rescales() ? p.per_sample[2 * b] : 1.f,
+                    p.thresholds() ? p.per_sample[2 * b + 1] : 0.f);
+    s0 = s1;
+  }
+}
+
+// The per-sample scalars {k_b, s_b} of the reduction pass (see the header comment).
+template <class T>
+void reduce_per_sample(const DiffusionStepParams& p, int num_threads) {
+  const int64_t per = p.sample_size();
+  const int64_t blocks = (per + kBlock - 1) / kBlock;
+  std::vector<double> partial(size_t(blocks) * 4);
+  std::vector<float> absx0(p.thresholds() ? size_t(per) : 0);
+  const bool cfg = p.model_cond != nullptr;
+  for (int64_t b = 0; b < p.batch; ++b) {
+    const int64_t base = b * per;
+    float k_scale = 1.f;
+    if (p.rescales()) {
+#pragma omp parallel for num_threads(num_threads) schedule(static) if (per > kParallelThreshold)
+      for (int64_t blk = 0; blk < blocks; ++blk) {
+        const int64_t j0 = base + blk * kBlock, len = std::min<int64_t>(kBlock, base + per - j0);
+        const T* u = static_cast<const T*>(p.model_uncond) + j0;
+        const T* c = static_cast<const T*>(p.model_cond) + j0;
+        double sc = 0, scc = 0, sg = 0, sgg = 0;
+        for (int64_t i = 0; i < len; ++i) {
+          const float cc = to_float(c[i]), gg = guided(p, to_float(u[i]), cc);
+          sc += cc, scc += double(cc) * cc, sg += gg, sgg += double(gg) * gg;
+        }
+        double* q = &partial[size_t(blk) * 4];
+        q[0] = sc, q[1] = scc, q[2] = sg, q[3] = sgg;
+      }
+      double t[4] = {0, 0, 0, 0};
+      for (int64_t blk = 0; blk < blocks; ++blk)
+        for (int k = 0; k < 4; ++k) t[k] += partial[size_t(blk) * 4 + k];
+      k_scale = rescale_factor(p.guidance_rescale, t[0], t[1], t[2], t[3], per);
+      p.per_sample[2 * b] = k_scale;
+    }
+    if (p.thresholds()) {
+      const bool has_z = p.has_noise && p.pz != 0.f, z_from_tensor = has_z && p.noise != nullptr;
+#pragma omp parallel for num_threads(num_threads) schedule(static) if (per > kParallelThreshold)
+      for (int64_t blk = 0; blk < blocks; ++blk) {
+        // Philox groups follow the global element index: draw from the group boundary
+        const int64_t j0 = base + blk * kBlock, len = std::min<int64_t>(kBlock, base + per - j0);
+        alignas(64) float zbuf[kBlock + 4];
+        const int64_t lead = j0 & 3;
+        if (has_z && !z_from_tensor) draw_gaussians(p.seed, p.offset, j0 - lead, std::min<int64_t>(kBlock, len + lead), zbuf);
+        if (has_z && !z_from_tensor && len + lead > kBlock)
+          draw_gaussians(p.seed, p.offset, j0 - lead + kBlock, len + lead - kBlock, zbuf + kBlock);
+        for (int64_t i = 0; i < len; ++i) {
+          const int64_t e = j0 + i;
+          const float uu = to_float(static_cast<const T*>(p.model_uncond)[e]);
+          float m = cfg ? guided(p, uu, to_float(static_cast<const T*>(p.model_cond)[e])) : uu;
+          if (p.rescales()) m *= k_scale;
+          const float z = !has_z ? 0.f : z_from_tensor ? to_float(static_cast<const T*>(p.noise)[e]) : zbuf[i + lead];
+          const float x0 = step_x0(p, to_float(static_cast<const T*>(p.sample)[e]), m, z);
+          absx0[size_t(e - base)] = x0 < 0.f ? -x0 : x0;
+        }
+      }
+      // torch.quantile gives NaN for a sample holding NaN; nth_element needs an ordering
+      if (std::any_of(absx0.begin(), absx0.end(), [](float v) { return v != v; })) {
+        p.per_sample[2 * b + 1] = __builtin_nanf("");
+        continue;
+      }
+      const QuantileRank r = quantile_rank(p.threshold_ratio, per);
+      std::nth_element(absx0.begin(), absx0.begin() + r.lo, absx0.end());
+      const float v_lo = absx0[size_t(r.lo)];
+      const float v_hi = r.hi == r.lo ? v_lo : *std::min_element(absx0.begin() + r.lo + 1, absx0.end());
+      p.per_sample[2 * b + 1] = threshold_from_order_stats(v_lo, v_hi, r.weight, p.threshold_max);
+    }
   }
 }
 }  // namespace
 
 template <class T>
 void diffusion_step(const DiffusionStepParams& p, int num_threads) {
+  if (p.needs_reduction()) reduce_per_sample<T>(p, num_threads);
   const int64_t blocks = (p.n + kBlock - 1) / kBlock;
 #pragma omp parallel for num_threads(num_threads) schedule(static) if (p.n > kParallelThreshold)
   for (int64_t b = 0; b < blocks; ++b) {

@@ -1,11 +1,11 @@
 // CPU kernel: flash attention forward (prefill), dense and varlen, with causal / sliding-window
 // masks, softcap, ALiBi, GQA and the log-sum-exp. Semantics: csrc/core/flash_params.h.
 //
-// Tiling: one work unit is (sequence, query head, tile of kBlockQ = 64 queries). It walks only
+// Tiling: one work unit is (sequence, query head, tile of kBlockQ = 128 queries). It walks only
 // the key tiles (kBlockK = 64) that some of its queries see (causal and window tiles that are
-// fully masked are never visited) and keeps the online-softmax state of its 64 rows: running
-// max and sum per query, the fp32 output tile O (64 x head_dim) and the packed Q tile. Extra
-// memory is a fixed per-thread scratch (under 400 KB) plus the output: O(seqlen), no score
+// fully masked are never visited) and keeps the online-softmax state of its 128 rows: running
+// max and sum per query, the fp32 output tile O (128 x head_dim) and the packed Q tile. Extra
+// memory is a fixed per-thread scratch (under 512 KB) plus the output: O(seqlen), no score
 // matrix. Masks are applied only on key tiles that cross a mask boundary.
 // Micro-kernels (flash_attention_tiles.h): S^T = K Q^T and O += P V, register blocked, queries on
 // the SIMD lanes; bf16 uses VDPBF16PS on AVX512-BF16; fp16 (and bf16 below AVX-512) converts
@@ -87,6 +87,15 @@ void rows_to_float(const T* src, int64_t stride, int n, int64_t D, float* dst) {
     int64_t x = 0;
     for (; x + W <= D; x += W) VecF::load(s + x).store(d + x);
     if (x < D) store_first(load_first(s + x, int(D - x)), d + x, int(D - x));
+  }
+}
+
+// Prefetches n rows of `bytes` bytes each into L2.
+template <class T>
+void prefetch_rows(const T* rows, int64_t stride, int n, int64_t bytes) {
+  for (int j = 0; j < n; ++j) {
+    const char* r = reinterpret_cast<const char*>(rows + j * stride);
+    for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(r + b, 0, 2);
   }
 }
 
@@ -195,6 +204,13 @@ void query_tile(const FlashParams& p, int64_t b, int64_t h, int64_t i0) {
     rule.mask = !(all_lo <= j0 && j0 + n <= all_hi);
     const T* kt = k + j0 * ks;
     const T* vt = v + j0 * vs;
+    // The next tile's K and V rows are a head-stride apart, which the hardware prefetchers
+    // follow poorly: ask for them into L2 now, so that copying them next time hits.
+    if (j0 + kBlockK < hi) {
+      const int n_next = int(std::min<int64_t>(kBlockK, hi - j0 - kBlockK));
+      prefetch_rows(kt + kBlockK * ks, ks, n_next, D * int64_t(sizeof(T)));
+      prefetch_rows(vt + kBlockK * vs, vs, n_next, D * int64_t(sizeof(T)));
+    }
     if constexpr (kUseBF16Dot<T>) {
 #if defined(GK_SIMD_AVX512)
       // K rows a head-stride apart alias in L1 (4 KB apart for 16 heads of 128): copy them

@@ -4,11 +4,18 @@ implementations and their fakes (registered in ``genkernels._ops``).
 Per element (see csrc/core/diffusion_step.h)::
 
     m    = uncond + w (cond - uncond)     when guidance_scale is given (model_output = [uncond; cond])
-    x0   = px x + pm m + pz z             clamped to [-clip, clip] when clip > 0
+    m    = k_b m                          guidance_rescale (diffusers' rescale_noise_cfg), per item b
+    x0   = px x + pm m + pz z             clamped to [-clip, clip] when clip > 0, or dynamically
+                                          thresholded: clamp(x0, -s_b, s_b) / s_b
     prev = cx x + cm m + c0 x0 + ch h + cz z
 
 with the scalars from ``step_coeffs`` (float64, csrc/core/diffusion_coeffs.h), z the ``noise``
-tensor or Philox Gaussians of ``(seed, offset)``, h the previous x0 (DPM-Solver++ 2M).
+tensor or Philox Gaussians of ``(seed, offset)``, h the previous x0 (DPM-Solver++ 2M). k_b and
+s_b come from a per-sample reduction the kernel runs first (one extra pass over the inputs).
+
+Layout: every tensor must be contiguous (``ValueError`` naming the argument otherwise); the op
+never copies an input behind the caller's back. The drop-in schedulers of
+``genkernels.integrations.diffusers`` make their inputs contiguous explicitly (documented there).
 """
 from __future__ import annotations
 
@@ -58,9 +65,10 @@ def draw_seed() -> int:
     return int(torch.randint(0, SEED_LIMIT - 1, (1,), dtype=torch.int64).item())
 
 
-def _validate(model_output, sample, coeffs, guidance_scale, history, noise, seed, offset, out=None, x0_out=None):
-    check_tensor("sample", sample, dtypes=FLOAT_DTYPES)
-    check_tensor("model_output", model_output, dtypes=FLOAT_DTYPES)
+def _validate(model_output, sample, coeffs, guidance_scale, history, noise, seed, offset, out=None, x0_out=None,
+              guidance_rescale=0.0, threshold_ratio=0.0, threshold_max=1.0):
+    check_tensor("sample", sample, dtypes=FLOAT_DTYPES, contiguous=True)
+    check_tensor("model_output", model_output, dtypes=FLOAT_DTYPES, contiguous=True)
     if len(coeffs) != NUM_COEFFS:
         raise ValueError(f"coeffs must hold {NUM_COEFFS} scalars, got {len(coeffs)}")
     if sample.dim() == 0:
@@ -79,15 +87,23 @@ def _validate(model_output, sample, coeffs, guidance_scale, history, noise, seed
     for name, t in (("history", history), ("noise", noise), ("out", out), ("x0_out", x0_out)):
         if t is None:
             continue
-        check_tensor(name, t, dtypes=FLOAT_DTYPES)
+        check_tensor(name, t, dtypes=FLOAT_DTYPES, contiguous=True)
         if t.shape != sample.shape:
             raise ValueError(f"{name} must have the shape of sample {tuple(sample.shape)}, got {tuple(t.shape)}")
         named[name] = t
     check_same_dtype(**named)
     check_same_device(**named)
-    for name, t in (("out", out), ("x0_out", x0_out)):
-        if t is not None and not t.is_contiguous():
-            raise ValueError(f"{name} must be contiguous (strides {t.stride()} for shape {tuple(t.shape)})")
+    if guidance_rescale != 0.0 and guidance_scale is None:
+        raise ValueError("guidance_rescale needs guidance_scale (it rescales the guided prediction)")
+    if not 0.0 <= guidance_rescale <= 1.0:
+        raise ValueError(f"guidance_rescale must be in [0, 1], got {guidance_rescale}")
+    if threshold_ratio != 0.0:
+        if not 0.0 < threshold_ratio <= 1.0:
+            raise ValueError(f"dynamic_thresholding_ratio must be in (0, 1], got {threshold_ratio}")
+        if not threshold_max >= 1.0:
+            raise ValueError(f"sample_max_value must be >= 1 with dynamic thresholding, got {threshold_max}")
+        if coeffs[8] != 0.0:
+            raise ValueError("clip_sample_range and dynamic thresholding are exclusive (diffusers thresholds first)")
     if needs_history(coeffs) and history is None:
         raise ValueError("history (the previous step's pred_original_sample) is required for this step")
     for name, v in (("seed", seed), ("offset", offset)):
@@ -95,43 +111,57 @@ def _validate(model_output, sample, coeffs, guidance_scale, history, noise, seed
             raise ValueError(f"{name} must be in [0, 2**63), got {v}")
 
 
-def _launch(model_output, sample, coeffs, guidance_scale, history, noise, seed, offset, out, x0_out):
-    mo = model_output.contiguous()
-    x = sample.contiguous()
-    n = x.numel()
-    uncond = mo.data_ptr()
-    cond = uncond + n * mo.element_size() if guidance_scale is not None else 0
-    h = history.contiguous() if history is not None and needs_history(coeffs) else None
-    z = noise.contiguous() if noise is not None and needs_noise(coeffs) else None
+def _launch(model_output, sample, coeffs, guidance_scale, history, noise, seed, offset, out, x0_out,
+            guidance_rescale, threshold_ratio, threshold_max):
+    n = sample.numel()
+    batch = sample.shape[0]
+    uncond = model_output.data_ptr()
+    cond = uncond + n * model_output.element_size() if guidance_scale is not None else 0
+    h = history if history is not None and needs_history(coeffs) else None
+    z = noise if noise is not None and needs_noise(coeffs) else None
+    reduce = guidance_rescale != 0.0 or threshold_ratio != 0.0
+    # {k_b, s_b} per batch item, written by the kernel's reduction pass
+    per_sample = torch.empty(2 * batch if reduce else 0, dtype=torch.float32, device=sample.device)
     _native._C.diffusion_step(
-        _native.device_code(x), _native.DTYPE_CODE[x.dtype], n, uncond, cond,
+        _native.device_code(sample), _native.DTYPE_CODE[sample.dtype], n, uncond, cond,
         1.0 if guidance_scale is None else float(guidance_scale),
-        x.data_ptr(), _native.ptr(h), _native.ptr(z), out.data_ptr(), _native.ptr(x0_out),
-        *coeffs, seed, offset, _native.stream_of(x), _native.num_threads(),
+        sample.data_ptr(), _native.ptr(h), _native.ptr(z), out.data_ptr(), _native.ptr(x0_out),
+        *coeffs, seed, offset, _native.stream_of(sample), _native.num_threads(),
+        max(batch, 1), float(guidance_rescale), float(threshold_ratio), float(threshold_max),
+        per_sample.data_ptr() if reduce else 0,
     )  # fmt: skip
 
 
-def step_impl(model_output, sample, coeffs, guidance_scale, history, noise, seed, offset, return_x0):
-    _validate(model_output, sample, coeffs, guidance_scale, history, noise, seed, offset)
+def step_impl(model_output, sample, coeffs, guidance_scale, history, noise, seed, offset, return_x0,
+              guidance_rescale=0.0, threshold_ratio=0.0, threshold_max=1.0):
+    opts = (guidance_rescale, threshold_ratio, threshold_max)
+    _validate(model_output, sample, coeffs, guidance_scale, history, noise, seed, offset, None, None, *opts)
     out = torch.empty(sample.shape, dtype=sample.dtype, device=sample.device)
     x0 = torch.empty(sample.shape if return_x0 else (0,), dtype=sample.dtype, device=sample.device)
-    _launch(model_output, sample, coeffs, guidance_scale, history, noise, seed, offset, out, x0 if return_x0 else None)
+    _launch(model_output, sample, coeffs, guidance_scale, history, noise, seed, offset, out,
+            x0 if return_x0 else None, *opts)  # fmt: skip
     return out, x0
 
 
-def step_fake(model_output, sample, coeffs, guidance_scale, history, noise, seed, offset, return_x0):
-    _validate(model_output, sample, coeffs, guidance_scale, history, noise, seed, offset)
+def step_fake(model_output, sample, coeffs, guidance_scale, history, noise, seed, offset, return_x0,
+              guidance_rescale=0.0, threshold_ratio=0.0, threshold_max=1.0):
+    opts = (guidance_rescale, threshold_ratio, threshold_max)
+    _validate(model_output, sample, coeffs, guidance_scale, history, noise, seed, offset, None, None, *opts)
     out = torch.empty(sample.shape, dtype=sample.dtype, device=sample.device)
     return out, torch.empty(sample.shape if return_x0 else (0,), dtype=sample.dtype, device=sample.device)
 
 
-def step_out_impl(model_output, sample, coeffs, guidance_scale, history, noise, seed, offset, out, x0_out):
-    _validate(model_output, sample, coeffs, guidance_scale, history, noise, seed, offset, out, x0_out)
-    _launch(model_output, sample, coeffs, guidance_scale, history, noise, seed, offset, out, x0_out)
+def step_out_impl(model_output, sample, coeffs, guidance_scale, history, noise, seed, offset, out, x0_out,
+                  guidance_rescale=0.0, threshold_ratio=0.0, threshold_max=1.0):
+    opts = (guidance_rescale, threshold_ratio, threshold_max)
+    _validate(model_output, sample, coeffs, guidance_scale, history, noise, seed, offset, out, x0_out, *opts)
+    _launch(model_output, sample, coeffs, guidance_scale, history, noise, seed, offset, out, x0_out, *opts)
 
 
-def step_out_fake(model_output, sample, coeffs, guidance_scale, history, noise, seed, offset, out, x0_out):
-    _validate(model_output, sample, coeffs, guidance_scale, history, noise, seed, offset, out, x0_out)
+def step_out_fake(model_output, sample, coeffs, guidance_scale, history, noise, seed, offset, out, x0_out,
+                  guidance_rescale=0.0, threshold_ratio=0.0, threshold_max=1.0):
+    opts = (guidance_rescale, threshold_ratio, threshold_max)
+    _validate(model_output, sample, coeffs, guidance_scale, history, noise, seed, offset, out, x0_out, *opts)
 
 
 def gaussian_noise_impl(out, seed, offset):

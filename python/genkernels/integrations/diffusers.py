@@ -5,8 +5,9 @@ state and ``step()`` signature and return type, so::
 
     pipe.scheduler = FusedDDIMScheduler.from_config(pipe.scheduler.config)
 
-just works. ``step()`` also takes ``guidance_scale=``: pass the un-split model output
-(``[uncond; cond]`` batched as diffusers does) and the guidance is fused into the step.
+just works. ``step()`` also takes ``guidance_scale=`` (and ``guidance_rescale=``, the pipeline's
+``rescale_noise_cfg`` factor): pass the un-split model output (``[uncond; cond]`` batched as
+diffusers does) and the guidance is fused into the step.
 
 Noise: ``variance_noise=`` (where diffusers has it) or a ``generator=`` draw the noise exactly
 as diffusers does (``randn_tensor``), for bit-for-bit the same noise; with neither, noise comes
@@ -14,10 +15,16 @@ from in-kernel Philox keyed by ``(scheduler.noise_seed, step counter)`` (``noise
 draws one seed per step from torch's default generator, so ``torch.manual_seed`` still makes
 runs reproducible).
 
-Configurations the kernel does not cover (dynamic thresholding, learned variances,
-third-order or Heun DPM-Solver, per-token timesteps) fall back to diffusers' own ``step()``.
+Dynamic thresholding (``thresholding=True``: DDIM, DDPM, DPM-Solver++) and guidance rescale are
+fused too (a per-sample reduction pass, then the update). Configurations the kernel does not
+cover fall back to diffusers' own ``step()`` (correct, just not fused; guidance is then applied
+with the pipeline's ops first): DDPM ``variance_type`` ``learned`` / ``learned_range`` (and
+``fixed_small_log``), DPM-Solver ``solver_order`` 3, ``solver_type="heun"`` and the non-++
+algorithms (``dpmsolver``, ``sde-dpmsolver``), flow-matching Euler with ``per_token_timesteps``.
 Numerics: fp32 math for every sampler, also for fp16/bf16 latents (diffusers computes DDIM and
 DDPM in the latent dtype and the sigma-based samplers in fp32): rounded once, on store.
+Layout: the fused ops reject strided tensors; these schedulers call ``.contiguous()`` on
+``model_output``, ``sample`` and the noise first (a copy only for a strided input).
 """
 from __future__ import annotations
 
@@ -62,7 +69,7 @@ class _FusedNoise:
         if variance_noise is not None and generator is not None:
             raise ValueError("pass either generator or variance_noise, not both")
         if variance_noise is not None:
-            return variance_noise.to(device=sample.device, dtype=sample.dtype), 0, 0
+            return variance_noise.to(device=sample.device, dtype=sample.dtype).contiguous(), 0, 0
         if generator is not None:
             noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
             return noise, 0, 0
@@ -72,12 +79,25 @@ class _FusedNoise:
         return None, seed, offset
 
     @staticmethod
-    def _guided(model_output, guidance_scale):
-        """For the fallback path: diffusers' CFG ops."""
+    def _guided(model_output, guidance_scale, guidance_rescale=0.0):
+        """For the fallback path: the pipeline's CFG ops and ``rescale_noise_cfg``."""
         if guidance_scale is None:
             return model_output
         uncond, cond = model_output.chunk(2)
-        return uncond + guidance_scale * (cond - uncond)
+        guided = uncond + guidance_scale * (cond - uncond)
+        if guidance_rescale:
+            dims = list(range(1, guided.ndim))
+            rescaled = guided * (cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
+            guided = guidance_rescale * rescaled + (1 - guidance_rescale) * guided
+        return guided
+
+    def _threshold_kw(self):
+        """Dynamic thresholding arguments of the fused step (diffusers: before clip_sample)."""
+        c = self.config
+        if getattr(c, "thresholding", False):
+            return dict(dynamic_thresholding_ratio=c.dynamic_thresholding_ratio, sample_max_value=c.sample_max_value)
+        clip = c.clip_sample_range if getattr(c, "clip_sample", False) else None
+        return dict(clip_sample_range=clip) if "clip_sample" in c else {}
 
 
 def _float(x) -> float:
@@ -85,15 +105,14 @@ def _float(x) -> float:
 
 
 class FusedDDIMScheduler(_FusedNoise, DDIMScheduler):
-    """``DDIMScheduler`` with a fused ``step()``."""
+    """``DDIMScheduler`` with a fused ``step()``: every configuration (prediction types, eta,
+    ``clip_sample``, dynamic thresholding, ``use_clipped_model_output``) is fused."""
 
     def step(self, model_output, timestep, sample, eta=0.0, use_clipped_model_output=False, generator=None,
-             variance_noise=None, return_dict=True, guidance_scale=None):
+             variance_noise=None, return_dict=True, guidance_scale=None, guidance_rescale=0.0):
         if self.num_inference_steps is None:
             raise ValueError("Number of inference steps is 'None', you need to run 'set_timesteps' after creating the scheduler")
-        if self.config.thresholding:
-            return super().step(self._guided(model_output, guidance_scale), timestep, sample, eta,
-                                use_clipped_model_output, generator, variance_noise, return_dict)
+        model_output, sample = model_output.contiguous(), sample.contiguous()
         t = int(timestep)
         prev_t = t - self.config.num_train_timesteps // self.num_inference_steps
         alpha_prod_t = _float(self.alphas_cumprod[t])
@@ -101,9 +120,9 @@ class FusedDDIMScheduler(_FusedNoise, DDIMScheduler):
         noise, seed, offset = self._noise_args(sample, generator, variance_noise) if eta > 0 else (None, 0, 0)
         prev, x0 = _steps.ddim_step(
             model_output, sample, alpha_prod_t, alpha_prod_prev, prediction_type=self.config.prediction_type,
-            eta=eta, use_clipped_model_output=use_clipped_model_output,
-            clip_sample_range=self.config.clip_sample_range if self.config.clip_sample else None,
-            guidance_scale=guidance_scale, noise=noise, seed=seed, offset=offset, return_pred_original=True,
+            eta=eta, use_clipped_model_output=use_clipped_model_output, **self._threshold_kw(),
+            guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, noise=noise, seed=seed, offset=offset,
+            return_pred_original=True,
         )
         if not return_dict:
             return prev, x0
@@ -111,11 +130,16 @@ class FusedDDIMScheduler(_FusedNoise, DDIMScheduler):
 
 
 class FusedDDPMScheduler(_FusedNoise, DDPMScheduler):
-    """``DDPMScheduler`` with a fused ``step()`` (variance types fixed_small and fixed_large)."""
+    """``DDPMScheduler`` with a fused ``step()`` (variance types fixed_small and fixed_large,
+    clipping or dynamic thresholding). Learned variances (``learned``, ``learned_range``) and
+    ``fixed_small_log`` fall back to diffusers' ``step()`` (correct, not fused)."""
 
-    def step(self, model_output, timestep, sample, generator=None, return_dict=True, guidance_scale=None):
-        if self.config.thresholding or self.variance_type not in ("fixed_small", "fixed_large"):
-            return super().step(self._guided(model_output, guidance_scale), timestep, sample, generator, return_dict)
+    def step(self, model_output, timestep, sample, generator=None, return_dict=True, guidance_scale=None,
+             guidance_rescale=0.0):
+        if self.variance_type not in ("fixed_small", "fixed_large"):  # learned variances: diffusers' step
+            return super().step(self._guided(model_output, guidance_scale, guidance_rescale), timestep, sample,
+                                generator, return_dict)
+        model_output, sample = model_output.contiguous(), sample.contiguous()
         t = int(timestep)
         prev_t = int(self.previous_timestep(t))
         alpha_prod_t = _float(self.alphas_cumprod[t])
@@ -123,9 +147,9 @@ class FusedDDPMScheduler(_FusedNoise, DDPMScheduler):
         noise, seed, offset = self._noise_args(sample, generator) if t > 0 else (None, 0, 0)
         prev, x0 = _steps.ddpm_step(
             model_output, sample, alpha_prod_t, alpha_prod_prev, prediction_type=self.config.prediction_type,
-            variance_type=self.variance_type, add_noise=t > 0,
-            clip_sample_range=self.config.clip_sample_range if self.config.clip_sample else None,
-            guidance_scale=guidance_scale, noise=noise, seed=seed, offset=offset, return_pred_original=True,
+            variance_type=self.variance_type, add_noise=t > 0, **self._threshold_kw(),
+            guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, noise=noise, seed=seed, offset=offset,
+            return_pred_original=True,
         )
         if not return_dict:
             return prev, x0
@@ -136,7 +160,8 @@ class FusedEulerDiscreteScheduler(_FusedNoise, EulerDiscreteScheduler):
     """``EulerDiscreteScheduler`` with a fused ``step()`` (churn noise included)."""
 
     def step(self, model_output, timestep, sample, s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0,
-             generator=None, return_dict=True, guidance_scale=None):
+             generator=None, return_dict=True, guidance_scale=None, guidance_rescale=0.0):
+        model_output, sample = model_output.contiguous(), sample.contiguous()
         if isinstance(timestep, int) or (torch.is_tensor(timestep) and not timestep.is_floating_point()):
             raise ValueError("Passing integer indices as timesteps to `EulerDiscreteScheduler.step()` is not supported; pass one of `scheduler.timesteps`.")
         if self.step_index is None:
@@ -147,8 +172,8 @@ class FusedEulerDiscreteScheduler(_FusedNoise, EulerDiscreteScheduler):
         noise, seed, offset = self._noise_args(sample, generator) if gamma > 0 else (None, 0, 0)
         prev, x0 = _steps.euler_step(
             model_output, sample, sigma, sigma_next, prediction_type=self.config.prediction_type, gamma=gamma,
-            s_noise=s_noise, guidance_scale=guidance_scale, noise=noise, seed=seed, offset=offset,
-            return_pred_original=True,
+            s_noise=s_noise, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, noise=noise, seed=seed,
+            offset=offset, return_pred_original=True,
         )
         self._step_index += 1
         if not return_dict:
@@ -159,7 +184,9 @@ class FusedEulerDiscreteScheduler(_FusedNoise, EulerDiscreteScheduler):
 class FusedEulerAncestralDiscreteScheduler(_FusedNoise, EulerAncestralDiscreteScheduler):
     """``EulerAncestralDiscreteScheduler`` with a fused ``step()``."""
 
-    def step(self, model_output, timestep, sample, generator=None, return_dict=True, guidance_scale=None):
+    def step(self, model_output, timestep, sample, generator=None, return_dict=True, guidance_scale=None,
+             guidance_rescale=0.0):
+        model_output, sample = model_output.contiguous(), sample.contiguous()
         if isinstance(timestep, int) or (torch.is_tensor(timestep) and not timestep.is_floating_point()):
             raise ValueError("Passing integer indices as timesteps to `EulerAncestralDiscreteScheduler.step()` is not supported; pass one of `scheduler.timesteps`.")
         if self.step_index is None:
@@ -171,7 +198,8 @@ class FusedEulerAncestralDiscreteScheduler(_FusedNoise, EulerAncestralDiscreteSc
         noise, seed, offset = self._noise_args(sample, generator)
         prev, x0 = _steps.euler_ancestral_step(
             model_output, sample, sigma, sigma_next, prediction_type=self.config.prediction_type,
-            guidance_scale=guidance_scale, noise=noise, seed=seed, offset=offset, return_pred_original=True,
+            guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, noise=noise, seed=seed, offset=offset,
+            return_pred_original=True,
         )
         self._step_index += 1
         if not return_dict:
@@ -181,20 +209,22 @@ class FusedEulerAncestralDiscreteScheduler(_FusedNoise, EulerAncestralDiscreteSc
 
 class FusedDPMSolverMultistepScheduler(_FusedNoise, DPMSolverMultistepScheduler):
     """``DPMSolverMultistepScheduler`` with a fused ``step()`` for DPM-Solver++ 2M (midpoint) and
-    its SDE variant; the state (``model_outputs``, ``lower_order_nums``) is kept as diffusers
-    keeps it."""
+    its SDE variant, dynamic thresholding included; the state (``model_outputs``,
+    ``lower_order_nums``) is kept as diffusers keeps it. Falls back to diffusers' ``step()``
+    (not fused) for ``solver_order=3``, ``solver_type="heun"``, the non-++ algorithms and
+    learned variances."""
 
     def _fusable(self) -> bool:
         c = self.config
         return (c.algorithm_type in ("dpmsolver++", "sde-dpmsolver++") and c.solver_order <= 2
-                and c.solver_type == "midpoint" and not c.thresholding
-                and c.variance_type not in ("learned", "learned_range"))
+                and c.solver_type == "midpoint" and c.variance_type not in ("learned", "learned_range"))
 
     def step(self, model_output, timestep, sample, generator=None, variance_noise=None, return_dict=True,
-             guidance_scale=None):
+             guidance_scale=None, guidance_rescale=0.0):
         if not self._fusable():
-            return super().step(self._guided(model_output, guidance_scale), timestep, sample, generator,
-                                variance_noise, return_dict)
+            return super().step(self._guided(model_output, guidance_scale, guidance_rescale), timestep, sample,
+                                generator, variance_noise, return_dict)
+        model_output, sample = model_output.contiguous(), sample.contiguous()
         if self.num_inference_steps is None:
             raise ValueError("Number of inference steps is 'None', you need to run 'set_timesteps' after creating the scheduler")
         if self.step_index is None:
@@ -213,7 +243,8 @@ class FusedDPMSolverMultistepScheduler(_FusedNoise, DPMSolverMultistepScheduler)
             sigma_prev=_float(self.sigmas[i - 1]) if second else None,
             prev_pred_original=self.model_outputs[-1] if second else None,
             prediction_type=self.config.prediction_type, sde=sde, flow_sigmas=bool(self.config.use_flow_sigmas),
-            guidance_scale=guidance_scale, noise=noise, seed=seed, offset=offset, return_pred_original=True,
+            **self._threshold_kw(), guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, noise=noise,
+            seed=seed, offset=offset, return_pred_original=True,
         )
         for k in range(self.config.solver_order - 1):
             self.model_outputs[k] = self.model_outputs[k + 1]
@@ -227,13 +258,15 @@ class FusedDPMSolverMultistepScheduler(_FusedNoise, DPMSolverMultistepScheduler)
 
 
 class FusedFlowMatchEulerDiscreteScheduler(_FusedNoise, FlowMatchEulerDiscreteScheduler):
-    """``FlowMatchEulerDiscreteScheduler`` (SD3 / Flux) with a fused ``step()``."""
+    """``FlowMatchEulerDiscreteScheduler`` (SD3 / Flux) with a fused ``step()``; with
+    ``per_token_timesteps`` it falls back to diffusers' ``step()`` (correct, not fused)."""
 
     def step(self, model_output, timestep, sample, s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0,
-             generator=None, per_token_timesteps=None, return_dict=True, guidance_scale=None):
-        if per_token_timesteps is not None:
-            return super().step(self._guided(model_output, guidance_scale), timestep, sample, s_churn, s_tmin,
-                                s_tmax, s_noise, generator, per_token_timesteps, return_dict)
+             generator=None, per_token_timesteps=None, return_dict=True, guidance_scale=None, guidance_rescale=0.0):
+        if per_token_timesteps is not None:  # per-token sigmas: diffusers' step (not fused)
+            return super().step(self._guided(model_output, guidance_scale, guidance_rescale), timestep, sample,
+                                s_churn, s_tmin, s_tmax, s_noise, generator, per_token_timesteps, return_dict)
+        model_output, sample = model_output.contiguous(), sample.contiguous()
         if isinstance(timestep, int) or (torch.is_tensor(timestep) and not timestep.is_floating_point()):
             raise ValueError("Passing integer indices as timesteps to `FlowMatchEulerDiscreteScheduler.step()` is not supported; pass one of `scheduler.timesteps`.")
         if self.step_index is None:
@@ -242,7 +275,8 @@ class FusedFlowMatchEulerDiscreteScheduler(_FusedNoise, FlowMatchEulerDiscreteSc
         noise, seed, offset = self._noise_args(sample, generator) if stochastic else (None, 0, 0)
         prev = _steps.flow_euler_step(
             model_output, sample, _float(self.sigmas[self.step_index]), _float(self.sigmas[self.step_index + 1]),
-            stochastic=stochastic, guidance_scale=guidance_scale, noise=noise, seed=seed, offset=offset,
+            stochastic=stochastic, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, noise=noise,
+            seed=seed, offset=offset,
         )
         self._step_index += 1
         if not return_dict:
