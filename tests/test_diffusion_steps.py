@@ -23,35 +23,21 @@ def _inputs(dtype, cfg=False, seed=0):
     return mo, x
 
 
-def _ddim_reference(mo, x, a_t, a_prev, eta, noise, w=None):
-    """DDIM epsilon step in float64 (diffusers' formula)."""
-    mo, x = mo.double(), x.double()
-    if w is not None:
-        u, c = mo.chunk(2)
-        mo = u + w * (c - u)
-    x0 = (x - (1 - a_t) ** 0.5 * mo) / a_t**0.5
-    var = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
-    std = eta * var**0.5
-    return a_prev**0.5 * x0 + (1 - a_prev - std**2) ** 0.5 * mo + std * noise.double()
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("cfg", [None, 7.5])
 def test_ddim_step_matches_reference_and_out(dtype, cfg):
     mo, x = _inputs(dtype, cfg is not None)
     z = gd.gaussian_noise(SHAPE, seed=3, dtype=dtype)
-    ref = _ddim_reference(mo, x, 0.3, 0.5, 0.8, z, cfg)
-    u = mo.chunk(2) if cfg else None
-    mo_pt = mo if cfg is None else u[0] + cfg * (u[1] - u[0])
-    base = _ddim_reference(mo_pt, x, 0.3, 0.5, 0.8, z).to(dtype)  # torch's CFG ops in the dtype, then the step
+    want, _ = ref.ddim_step(mo, x, 0.3, 0.5, eta=0.8, noise=z, guidance_scale=cfg)
+    base, _ = ref.ddim_step(mo, x, 0.3, 0.5, eta=0.8, noise=z, guidance_scale=cfg, dtype=dtype)  # torch in the dtype
     out = gd.ddim_step(mo, x, 0.3, 0.5, eta=0.8, noise=z, guidance_scale=cfg)
-    assert_close("ddim", out, ref, base)
+    assert_close("ddim", out, want, base)
     # in-kernel Philox with the same (seed, offset) is the same noise (a bf16/fp16 noise tensor is rounded)
     philox = gd.ddim_step(mo, x, 0.3, 0.5, eta=0.8, seed=3, offset=0, guidance_scale=cfg)
     if dtype == torch.float32:
         assert torch.equal(philox, out)
     else:
-        assert_close("ddim philox", philox, ref, base)
+        assert_close("ddim philox", philox, want, base)
     # out= and in place
     buf = torch.full_like(x, float("nan"))
     r = gd.ddim_step(mo, x, 0.3, 0.5, eta=0.8, noise=z, guidance_scale=cfg, out=buf)
@@ -161,6 +147,19 @@ def test_threshold_is_torch_quantile(shape, ratio, ties, emulated):
     s = torch.quantile(flat.abs(), ratio, dim=1, keepdim=True).clamp(min=1)
     want = (torch.clamp(flat, -s, s) / s).reshape(shape)
     assert_close("thresholded x0", x0, want)
+
+
+@pytest.mark.parametrize("shape", [(4, 5000), (1, 40000)])  # one item per thread / all threads on one item
+def test_cpu_reduction_paths_match_reference(shape):
+    g = torch.Generator().manual_seed(shape[0])
+    mo = torch.randn((2 * shape[0], shape[1]), generator=g)
+    x = 2 * torch.randn(shape, generator=g)
+    kw = dict(guidance_scale=6.0, guidance_rescale=0.6, dynamic_thresholding_ratio=0.97, sample_max_value=3.0)
+    prev, x0 = gd.ddim_step(mo, x, 0.05, 0.2, return_pred_original=True, **kw)
+    want_prev, want_x0 = ref.ddim_step(mo, x, 0.05, 0.2, **kw)
+    base_prev, base_x0 = ref.ddim_step(mo, x, 0.05, 0.2, dtype=torch.float32, **kw)
+    assert_close("prev", prev, want_prev, base_prev)
+    assert_close("x0", x0, want_x0, base_x0)
 
 
 def test_threshold_rank_rounds_like_torch():

@@ -8,11 +8,12 @@
 // block that straddles two batch items is processed as two segments (per-sample scalars).
 // Traffic: (1 or 2 model-output + sample [+ history] [+ noise]) reads and 1-2 writes per
 // element; the op is memory bound without noise and Box-Muller bound with it.
-// Per-sample reductions (guidance_rescale, dynamic thresholding) run first, one batch item at
-// a time: the float64 sums of c, c^2, g, g^2 over blocks in parallel (partials combined in a
-// fixed order, so the result does not depend on the thread count), then |x0| of the item into
-// a scratch buffer and an exact selection of the two order statistics (std::nth_element, then
-// the minimum above it); this costs one extra read of the inputs and O(n) scratch per item.
+// Per-sample reductions (guidance_rescale, dynamic thresholding) run first, one batch item per
+// thread (or all threads on one item when the batch is small): the float64 sums of c, c^2, g,
+// g^2 per block (partials combined in a fixed order, so the result does not depend on the
+// thread count), then |x0| of the item into a scratch buffer and an exact selection of the two
+// order statistics (std::nth_element, then the minimum above it); this costs one extra read of
+// the inputs (two with both options) and O(n / batch) scratch per thread.
 // Numerics: fp32 math, coefficients from csrc/core/diffusion_coeffs.h (float64, rounded once).
 // Compiled once per ISA level (GK_CPU_ISA_NS), see csrc/cpu/isa.h.
 #include <algorithm>
@@ -121,70 +122,105 @@ void step_block(const DiffusionStepParams& p, int64_t i0, int64_t len) {
   }
 }
 
-// The per-sample scalars {k_b, s_b} of the reduction pass (see the header comment).
+// Float64 sums of c, c^2, g, g^2 over elements [j0, j0 + len), in kLanes interleaved partial
+// sums combined in a fixed order (so the loop vectorises without reassociation and the result
+// does not depend on the ISA's vector width).
 template <class T>
-void reduce_per_sample(const DiffusionStepParams& p, int num_threads) {
-  const int64_t per = p.sample_size();
-  const int64_t blocks = (per + kBlock - 1) / kBlock;
-  std::vector<double> partial(size_t(blocks) * 4);
-  std::vector<float> absx0(p.thresholds() ? size_t(per) : 0);
-  const bool cfg = p.model_cond != nullptr;
-  for (int64_t b = 0; b < p.batch; ++b) {
-    const int64_t base = b * per;
-    float k_scale = 1.f;
-    if (p.rescales()) {
-#pragma omp parallel for num_threads(num_threads) schedule(static) if (per > kParallelThreshold)
-      for (int64_t blk = 0; blk < blocks; ++blk) {
-        const int64_t j0 = base + blk * kBlock, len = std::min<int64_t>(kBlock, base + per - j0);
-        const T* u = static_cast<const T*>(p.model_uncond) + j0;
-        const T* c = static_cast<const T*>(p.model_cond) + j0;
-        double sc = 0, scc = 0, sg = 0, sgg = 0;
-        for (int64_t i = 0; i < len; ++i) {
-          const float cc = to_float(c[i]), gg = guided(p, to_float(u[i]), cc);
-          sc += cc, scc += double(cc) * cc, sg += gg, sgg += double(gg) * gg;
-        }
-        double* q = &partial[size_t(blk) * 4];
-        q[0] = sc, q[1] = scc, q[2] = sg, q[3] = sgg;
-      }
-      double t[4] = {0, 0, 0, 0};
-      for (int64_t blk = 0; blk < blocks; ++blk)
-        for (int k = 0; k < 4; ++k) t[k] += partial[size_t(blk) * 4 + k];
-      k_scale = rescale_factor(p.guidance_rescale, t[0], t[1], t[2], t[3], per);
-      p.per_sample[2 * b] = k_scale;
+void rescale_sums(const DiffusionStepParams& p, int64_t j0, int64_t len, double* out) {
+  constexpr int kLanes = 8;
+  const T* u = static_cast<const T*>(p.model_uncond) + j0;
+  const T* c = static_cast<const T*>(p.model_cond) + j0;
+  double acc[4][kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= len; i += kLanes)
+    for (int k = 0; k < kLanes; ++k) {
+      const float cc = to_float(c[i + k]), gg = guided(p, to_float(u[i + k]), cc);
+      acc[0][k] += cc, acc[1][k] += double(cc) * cc, acc[2][k] += gg, acc[3][k] += double(gg) * gg;
     }
-    if (p.thresholds()) {
-      const bool has_z = p.has_noise && p.pz != 0.f, z_from_tensor = has_z && p.noise != nullptr;
-#pragma omp parallel for num_threads(num_threads) schedule(static) if (per > kParallelThreshold)
-      for (int64_t blk = 0; blk < blocks; ++blk) {
-        // Philox groups follow the global element index: draw from the group boundary
-        const int64_t j0 = base + blk * kBlock, len = std::min<int64_t>(kBlock, base + per - j0);
-        alignas(64) float zbuf[kBlock + 4];
-        const int64_t lead = j0 & 3;
-        if (has_z && !z_from_tensor) draw_gaussians(p.seed, p.offset, j0 - lead, std::min<int64_t>(kBlock, len + lead), zbuf);
-        if (has_z && !z_from_tensor && len + lead > kBlock)
-          draw_gaussians(p.seed, p.offset, j0 - lead + kBlock, len + lead - kBlock, zbuf + kBlock);
-        for (int64_t i = 0; i < len; ++i) {
-          const int64_t e = j0 + i;
-          const float uu = to_float(static_cast<const T*>(p.model_uncond)[e]);
-          float m = cfg ? guided(p, uu, to_float(static_cast<const T*>(p.model_cond)[e])) : uu;
-          if (p.rescales()) m *= k_scale;
-          const float z = !has_z ? 0.f : z_from_tensor ? to_float(static_cast<const T*>(p.noise)[e]) : zbuf[i + lead];
-          const float x0 = step_x0(p, to_float(static_cast<const T*>(p.sample)[e]), m, z);
-          absx0[size_t(e - base)] = x0 < 0.f ? -x0 : x0;
-        }
-      }
-      // torch.quantile gives NaN for a sample holding NaN; nth_element needs an ordering
-      if (std::any_of(absx0.begin(), absx0.end(), [](float v) { return v != v; })) {
-        p.per_sample[2 * b + 1] = __builtin_nanf("");
-        continue;
-      }
-      const QuantileRank r = quantile_rank(p.threshold_ratio, per);
-      std::nth_element(absx0.begin(), absx0.begin() + r.lo, absx0.end());
-      const float v_lo = absx0[size_t(r.lo)];
-      const float v_hi = r.hi == r.lo ? v_lo : *std::min_element(absx0.begin() + r.lo + 1, absx0.end());
-      p.per_sample[2 * b + 1] = threshold_from_order_stats(v_lo, v_hi, r.weight, p.threshold_max);
+  for (; i < len; ++i) {
+    const float cc = to_float(c[i]), gg = guided(p, to_float(u[i]), cc);
+    acc[0][0] += cc, acc[1][0] += double(cc) * cc, acc[2][0] += gg, acc[3][0] += double(gg) * gg;
+  }
+  for (int q = 0; q < 4; ++q) {
+    double t = 0;
+    for (int k = 0; k < kLanes; ++k) t += acc[q][k];
+    out[q] = t;
+  }
+}
+
+// {k_b, s_b} of batch item b with `threads` threads; partial and absx0 are scratch.
+template <class T>
+void reduce_item(const DiffusionStepParams& p, int64_t b, int threads, std::vector<double>& partial,
+                 std::vector<float>& absx0) {
+  const int64_t per = p.sample_size(), base = b * per;
+  const int64_t blocks = (per + kBlock - 1) / kBlock;
+  const bool cfg = p.model_cond != nullptr, parallel = threads > 1 && per > kParallelThreshold;
+  float k_scale = 1.f;
+  if (p.rescales()) {
+#pragma omp parallel for num_threads(threads) schedule(static) if (parallel)
+    for (int64_t blk = 0; blk < blocks; ++blk) {
+      const int64_t j0 = base + blk * kBlock;
+      rescale_sums<T>(p, j0, std::min<int64_t>(kBlock, base + per - j0), &partial[size_t(blk) * 4]);
+    }
+    double t[4] = {0, 0, 0, 0};
+    for (int64_t blk = 0; blk < blocks; ++blk)
+      for (int k = 0; k < 4; ++k) t[k] += partial[size_t(blk) * 4 + k];
+    k_scale = rescale_factor(p.guidance_rescale, t[0], t[1], t[2], t[3], per);
+    p.per_sample[2 * b] = k_scale;
+  }
+  if (!p.thresholds()) return;
+  const bool has_z = p.has_noise && p.pz != 0.f, z_from_tensor = has_z && p.noise != nullptr;
+#pragma omp parallel for num_threads(threads) schedule(static) if (parallel)
+  for (int64_t blk = 0; blk < blocks; ++blk) {
+    // Philox groups follow the global element index: draw from the group boundary
+    const int64_t j0 = base + blk * kBlock, len = std::min<int64_t>(kBlock, base + per - j0);
+    alignas(64) float zbuf[kBlock + 4];
+    const int64_t lead = j0 & 3;
+    if (has_z && !z_from_tensor) draw_gaussians(p.seed, p.offset, j0 - lead, std::min<int64_t>(kBlock, len + lead), zbuf);
+    if (has_z && !z_from_tensor && len + lead > kBlock)
+      draw_gaussians(p.seed, p.offset, j0 - lead + kBlock, len + lead - kBlock, zbuf + kBlock);
+    for (int64_t i = 0; i < len; ++i) {
+      const int64_t e = j0 + i;
+      const float uu = to_float(static_cast<const T*>(p.model_uncond)[e]);
+      float m = cfg ? guided(p, uu, to_float(static_cast<const T*>(p.model_cond)[e])) : uu;
+      if (p.rescales()) m *= k_scale;
+      const float z = !has_z ? 0.f : z_from_tensor ? to_float(static_cast<const T*>(p.noise)[e]) : zbuf[i + lead];
+      const float x0 = step_x0(p, to_float(static_cast<const T*>(p.sample)[e]), m, z);
+      absx0[size_t(e - base)] = x0 < 0.f ? -x0 : x0;
     }
   }
+  // torch.quantile gives NaN for a sample holding NaN; nth_element needs an ordering
+  if (std::any_of(absx0.begin(), absx0.end(), [](float v) { return v != v; })) {
+    p.per_sample[2 * b + 1] = __builtin_nanf("");
+    return;
+  }
+  const QuantileRank r = quantile_rank(p.threshold_ratio, per);
+  std::nth_element(absx0.begin(), absx0.begin() + r.lo, absx0.end());
+  const float v_lo = absx0[size_t(r.lo)];
+  const float v_hi = r.hi == r.lo ? v_lo : *std::min_element(absx0.begin() + r.lo + 1, absx0.end());
+  p.per_sample[2 * b + 1] = threshold_from_order_stats(v_lo, v_hi, r.weight, p.threshold_max);
+}
+
+// The per-sample scalars {k_b, s_b} of the reduction pass (see the header comment): one item
+// per thread when there are enough items (the selection is serial), else the threads share
+// each item's passes.
+template <class T>
+void reduce_per_sample(const DiffusionStepParams& p, int num_threads) {
+  const int64_t per = p.sample_size(), blocks = (per + kBlock - 1) / kBlock;
+  const size_t scratch = p.thresholds() ? size_t(per) : 0;
+  if (num_threads > 1 && p.batch >= num_threads && per > kParallelThreshold / 8) {
+#pragma omp parallel num_threads(num_threads)
+    {
+      std::vector<double> partial(size_t(blocks) * 4);
+      std::vector<float> absx0(scratch);
+#pragma omp for schedule(static)
+      for (int64_t b = 0; b < p.batch; ++b) reduce_item<T>(p, b, 1, partial, absx0);
+    }
+    return;
+  }
+  std::vector<double> partial(size_t(blocks) * 4);
+  std::vector<float> absx0(scratch);
+  for (int64_t b = 0; b < p.batch; ++b) reduce_item<T>(p, b, num_threads, partial, absx0);
 }
 }  // namespace
 
