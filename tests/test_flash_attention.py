@@ -196,3 +196,54 @@ def test_thread_counts_agree(rng, dtype):
         finally:
             gk.set_num_threads(None)
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+# The CPU kernel tiles queries by 128, or by 64 for short problems (masked up to 1024 queries, any
+# up to 512). Lengths around both tile sizes and key-tile (64) boundaries, on both paths: short
+# problems take the 64-query path; above 1024 queries every problem takes the 128-query path.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("sq", [63, 64, 65, 127, 128, 129, 191, 513])
+@pytest.mark.parametrize("causal,window", [(False, (-1, -1)), (True, (-1, -1)), (False, (40, 70))])
+def test_short_query_tiles(backend, rng, dtype, sq, causal, window):
+    skip_emulated(backend)
+    q, k, v = make_qkv(rng, 1, sq, sq + 1, 3, 1, 64, dtype)
+    out, lse = gk.flash_attention(q, k, v, causal=causal, window=window, return_lse=True)
+    check(q, k, v, out, lse, causal=causal, window=window)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("sq,sk", [(1025, 1025), (1089, 1000), (1151, 1216)])
+@pytest.mark.parametrize("causal,window", [(False, (-1, -1)), (True, (-1, -1)), (True, (100, -1))])
+def test_long_query_tiles(backend, rng, dtype, sq, sk, causal, window):
+    skip_emulated(backend)
+    q, k, v = make_qkv(rng, 1, sq, sk, 2, 1, 32, dtype)
+    out, lse = gk.flash_attention(q, k, v, causal=causal, window=window, return_lse=True)
+    check(q, k, v, out, lse, causal=causal, window=window)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("causal", [False, True])
+def test_both_query_tiles_on_the_same_data(rng, dtype, causal):
+    """varlen picks the tile from max_seqlen_q, so one ragged batch (lengths around 64 and 128)
+    runs through the short and the long tile path; both must match the reference."""
+    lens = [1, 63, 64, 65, 127, 128, 129, 200]
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
+    q, k, v = make_qkv(rng, 1, int(cu[-1]), int(cu[-1]), 4, 2, 48, dtype, varlen=True)
+    for max_seqlen in (max(lens), 4096):  # short tiles, then 128-query tiles
+        out, lse = gk.flash_attention_varlen(q, k, v, cu, cu, max_seqlen, max_seqlen, causal=causal, return_lse=True)
+        for b in range(len(lens)):
+            s, e = int(cu[b]), int(cu[b + 1])
+            check(q[None, s:e], k[None, s:e], v[None, s:e], out[None, s:e], lse[:, s:e][None], causal=causal)
+
+
+def test_scratch_regrows_across_head_dims_and_threads(rng):
+    """The per-call scratch (allocated before the parallel region) must follow the head dim and
+    the thread count from call to call."""
+    for threads, d in [(1, 16), (2, 256), (2, 64), (1, 256), (2, 8)]:
+        q, k, v = make_qkv(rng, 1, 300, 300, 4, 2, d, torch.float32)
+        gk.set_num_threads(threads)
+        try:
+            out, lse = gk.flash_attention(q, k, v, causal=True, return_lse=True)
+        finally:
+            gk.set_num_threads(None)
+        check(q, k, v, out, lse, causal=True)

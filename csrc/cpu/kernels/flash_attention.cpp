@@ -1,24 +1,30 @@
 // CPU kernel: flash attention forward (prefill), dense and varlen, with causal / sliding-window
 // masks, softcap, ALiBi, GQA and the log-sum-exp. Semantics: csrc/core/flash_params.h.
 //
-// Tiling: one work unit is (sequence, query head, tile of kBlockQ = 128 queries). It walks only
-// the key tiles (kBlockK = 64) that some of its queries see (causal and window tiles that are
-// fully masked are never visited) and keeps the online-softmax state of its 128 rows: running
-// max and sum per query, the fp32 output tile O (128 x head_dim) and the packed Q tile. Extra
-// memory is a fixed per-thread scratch (under 512 KB) plus the output: O(seqlen), no score
-// matrix. Masks are applied only on key tiles that cross a mask boundary.
+// Tiling: one work unit is (sequence, query head, tile of BQ queries): BQ = kBlockQ = 128, or
+// kBlockQShort = 64 for short sequences (more units, less masked work on the causal diagonal).
+// It walks only the key tiles (kBlockK = 64) that some of its queries see (causal and window
+// tiles that are fully masked are never visited) and keeps the online-softmax state of its BQ
+// rows: running max and sum per query, the fp32 output tile O (BQ x head_dim) and the packed Q
+// tile. Extra memory is a fixed per-thread scratch (under 512 KB, allocated by the calling
+// thread before the parallel region) plus the output: O(seqlen), no score matrix. Masks are
+// applied only on key tiles that cross a mask boundary.
 // Micro-kernels (flash_attention_tiles.h): S^T = K Q^T and O += P V, register blocked, queries on
 // the SIMD lanes; bf16 uses VDPBF16PS on AVX512-BF16; fp16 (and bf16 below AVX-512) converts
 // each K / V tile to fp32 once. exp and tanh in SIMD (cpu/simd.h).
 // Numerics: fp32 accumulation; P is rounded to bf16 for the bf16 P V product (as on the GPU).
-// Parallelism: OpenMP over work units, dynamic schedule, costliest units first (causal tiles
+// Parallelism: OpenMP over work units, dynamic schedule; units grouped by (sequence, kv head) so
+// that the threads share one head's K / V in L3, costliest first inside each group (causal tiles
 // near the bottom see the most keys).
 // Compiled once per ISA level (GK_CPU_ISA_NS), see csrc/cpu/isa.h.
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <new>
 #include <type_traits>
 #include <vector>
+
+#include <omp.h>
 #include "core/flash_params.h"
 #include "core/softmax_state.h"
 #include "cpu/kernels.h"
@@ -29,14 +35,19 @@ namespace gk::cpu::GK_CPU_ISA_NS {
 namespace {
 using namespace flash;
 
-// Per-thread scratch, kept between calls (an OpenMP worker reuses its buffers).
-struct Scratch {
+// Scratch of every thread of one call, in one block owned by the calling thread and kept between
+// calls (so concurrent calls from different threads never share it). It is grown before the
+// parallel region, where a failed allocation raises std::bad_alloc (MemoryError in Python);
+// inside the region nothing allocates.
+struct Workspace {
   float* data = nullptr;
   size_t size = 0;
-  ~Scratch() { std::free(data); }
+  ~Workspace() { std::free(data); }
   float* get(size_t floats) {
     if (floats > size) {
       std::free(data);
+      data = nullptr;
+      size = 0;
       data = static_cast<float*>(std::aligned_alloc(64, (floats * sizeof(float) + 63) / 64 * 64));
       if (!data) throw std::bad_alloc();
       size = floats;
@@ -44,16 +55,16 @@ struct Scratch {
     return data;
   }
 };
-thread_local Scratch t_scratch;
+thread_local Workspace t_workspace;
 
-// The pieces of the scratch for one head dim.
+// The pieces of one thread's scratch for one head dim (sized for the largest query tile).
 struct TileBuffers {
-  float* qt;       // Q^T: D x kBlockQ fp32, or (D / 2) x kBlockQ bf16 pairs
-  float* st;       // S^T, then P^T: kBlockK x kBlockQ
-  float* o;        // O: kBlockQ x dp
+  float* qt;       // Q^T: D x BQ fp32, or (D / 2) x BQ bf16 pairs
+  float* st;       // S^T, then P^T: kBlockK x BQ
+  float* o;        // O: BQ x dp
   float* kc;       // K tile converted to fp32: kBlockK x D (fp16, or bf16 below AVX-512)
   float* vc;       // V tile likewise, or the bf16 V pairs: (kBlockK / 2) x dp
-  uint32_t* pp;    // P pairs (bf16 path): (kBlockK / 2) x kBlockQ
+  uint32_t* pp;    // P pairs (bf16 path): (kBlockK / 2) x BQ
   float* m;        // running max, sum, rescale factor, key position of each query
   float* l;
   float* alpha;
@@ -61,20 +72,31 @@ struct TileBuffers {
   int64_t dp;      // D rounded up to the vector width
 };
 
-TileBuffers tile_buffers(int64_t D) {
+constexpr int kPieces = 7;
+void piece_sizes(int64_t D, size_t (&sizes)[kPieces]) {
   const int64_t dp = (D + W - 1) / W * W;
-  const size_t sizes[] = {size_t(D * kBlockQ), size_t(kBlockK * kBlockQ), size_t(kBlockQ * dp), size_t(kBlockK * D),
-                          size_t(kBlockK * std::max<int64_t>(D, dp)), size_t(kBlockK / 2 * kBlockQ), 4 * size_t(kBlockQ)};
-  size_t total = 0;
-  for (size_t s : sizes) total += (s + 15) / 16 * 16;  // 64-byte aligned pieces
-  float* base = t_scratch.get(total);
-  float* parts[7];
-  for (int i = 0; i < 7; ++i) parts[i] = base, base += (sizes[i] + 15) / 16 * 16;
+  const size_t s[kPieces] = {size_t(D * kBlockQ), size_t(kBlockK * kBlockQ), size_t(kBlockQ * dp), size_t(kBlockK * D),
+                             size_t(kBlockK * std::max<int64_t>(D, dp)), size_t(kBlockK / 2 * kBlockQ), 4 * size_t(kBlockQ)};
+  for (int i = 0; i < kPieces; ++i) sizes[i] = (s[i] + 15) / 16 * 16;  // 64-byte aligned pieces
+}
+
+size_t scratch_floats(int64_t D) {
+  size_t sizes[kPieces], total = 0;
+  piece_sizes(D, sizes);
+  for (size_t s : sizes) total += s;
+  return total;
+}
+
+TileBuffers tile_buffers(float* base, int64_t D) {
+  size_t sizes[kPieces];
+  piece_sizes(D, sizes);
+  float* parts[kPieces];
+  for (int i = 0; i < kPieces; ++i) parts[i] = base, base += sizes[i];
   TileBuffers t;
   t.qt = parts[0], t.st = parts[1], t.o = parts[2], t.kc = parts[3], t.vc = parts[4];
   t.pp = reinterpret_cast<uint32_t*>(parts[5]);
   t.m = parts[6], t.l = parts[6] + kBlockQ, t.alpha = parts[6] + 2 * kBlockQ, t.pos = parts[6] + 3 * kBlockQ;
-  t.dp = dp;
+  t.dp = (D + W - 1) / W * W;
   return t;
 }
 
@@ -99,60 +121,90 @@ void prefetch_rows(const T* rows, int64_t stride, int n, int64_t bytes) {
   }
 }
 
-// Scores of n keys (rows of S^T) for the query tile: scale, softcap, ALiBi, then the mask when
-// the tile crosses a mask boundary; returns nothing, updates st in place.
+// How raw dot products become scores: scale, softcap, ALiBi, then the mask when the key tile
+// crosses a mask boundary.
 struct ScoreRule {
   float scale, softcap, slope;
   bool mask;
   int64_t window_left, right;  // -1: unbounded
 };
 
-void finish_scores(const ScoreRule& rule, float* st, int n, int64_t j0, const float* pos) {
-  const VecF scale = VecF::set1(rule.scale), neg_inf = VecF::set1(-INFINITY);
+// Scores of n keys for the W queries at lanes [c, c + W) of S^T, in place; returns their
+// per-lane maximum (one pass over the column for both).
+template <int BQ>
+GK_INLINE VecF finish_scores(const ScoreRule& rule, float* st, int n, int64_t j0, const float* pos, int c) {
+  const VecF scale = VecF::set1(rule.scale);
+  VecF mt = VecF::set1(-INFINITY);
+  if (rule.softcap <= 0.f && rule.slope == 0.f && !rule.mask) {  // the common case
+    for (int j = 0; j < n; ++j) {
+      const VecF s = VecF::load(st + j * BQ + c) * scale;
+      s.store(st + j * BQ + c);
+      mt = max(mt, s);
+    }
+    return mt;
+  }
+  const VecF neg_inf = VecF::set1(-INFINITY);
   const bool softcap = rule.softcap > 0.f, alibi = rule.slope != 0.f;
   const VecF cap = VecF::set1(rule.softcap), inv_cap = VecF::set1(softcap ? 1.f / rule.softcap : 0.f);
-  const VecF slope = VecF::set1(rule.slope);
+  const VecF slope = VecF::set1(rule.slope), ps = VecF::load(pos + c);
   for (int j = 0; j < n; ++j) {
     const float key = float(j0 + j);
-    float* row = st + j * kBlockQ;
-    for (int c = 0; c < kBlockQ; c += W) {
-      VecF s = VecF::load(row + c) * scale;
-      if (softcap) s = cap * vtanh(s * inv_cap);
-      const VecF ps = VecF::load(pos + c);
-      if (alibi) s = s - slope * vabs(ps - VecF::set1(key));
-      if (rule.mask) {
-        // visible iff key - right <= pos <= key + window_left
-        if (rule.window_left >= 0) s = select_lt(VecF::set1(key + float(rule.window_left)), ps, neg_inf, s);
-        if (rule.right >= 0) s = select_lt(ps, VecF::set1(key - float(rule.right)), neg_inf, s);
-      }
-      s.store(row + c);
+    VecF s = VecF::load(st + j * BQ + c) * scale;
+    if (softcap) s = cap * vtanh(s * inv_cap);
+    if (alibi) s = s - slope * vabs(ps - VecF::set1(key));
+    if (rule.mask) {
+      // visible iff key - right <= pos <= key + window_left
+      if (rule.window_left >= 0) s = select_lt(VecF::set1(key + float(rule.window_left)), ps, neg_inf, s);
+      if (rule.right >= 0) s = select_lt(ps, VecF::set1(key - float(rule.right)), neg_inf, s);
     }
+    s.store(st + j * BQ + c);
+    mt = max(mt, s);
   }
+  return mt;
 }
 
-// Online-softmax update of the query tile with the scores of n keys: the vector form of
-// merge_softmax_stats (core/softmax_state.h), with the tile's sum taken directly against the new
-// max. st becomes P^T = exp(S^T - m_new); alpha = exp(m_old - m_new) rescales O and l. A lane
-// that has seen only masked keys keeps m = -inf, l = 0 (its exponent base is taken as 0, so
-// exp(-inf - 0) = 0, never NaN).
-void online_softmax(float* st, int n, float* m, float* l, float* alpha) {
-  const VecF neg_inf = VecF::set1(-INFINITY), lowest = VecF::set1(-3.0e38f);
-  for (int c = 0; c < kBlockQ; c += W) {
-    VecF mt = neg_inf;
-    for (int j = 0; j < n; ++j) mt = max(mt, VecF::load(st + j * kBlockQ + c));
-    const VecF m_old = VecF::load(m + c), m_new = max(m_old, mt);
-    const VecF base = select_lt(m_new, lowest, VecF::zero(), m_new);
-    const VecF a = vexp(m_old - base);
+// The SIMD operations of the online-softmax rule (core/softmax_state.h, softmax_rescale), one
+// state per lane. Empty lanes (m = -inf) are found by comparison with the lowest finite float.
+struct VecSoftmaxOps {
+  static VecF max(VecF a, VecF b) { return cpu::max(a, b); }
+  static VecF exp(VecF x) { return vexp(x); }
+  static VecF zero() { return VecF::zero(); }
+  static VecF select_empty(VecF m, VecF zero, VecF x) { return select_lt(m, VecF::set1(-3.0e38f), zero, x); }
+};
+
+// Online-softmax update of the query tile with the raw dot products of n keys: their scores
+// (finish_scores), then per lane the rule of core/softmax_state.h (softmax_rescale), the tile's
+// sum taken directly against the new base. P = exp(S^T - base) is written as P^T in place over
+// st (fp32 path) or, with kPairs, packed in the same pass as the (key, key+1) bf16 pairs of the
+// bf16 P V product (no second pass over P). alpha = exp(m_old - base) rescales O and l. A lane
+// that has seen only masked keys keeps m = -inf, l = 0.
+template <int BQ, bool kPairs>
+void online_softmax(const ScoreRule& rule, int64_t j0, const float* pos, float* st, int n, float* m, float* l,
+                    float* alpha, uint32_t* pp) {
+  for (int c = 0; c < BQ; c += W) {
+    const VecF mt = finish_scores<BQ>(rule, st, n, j0, pos, c);
+    const SoftmaxRescale<VecF> r = softmax_rescale<VecSoftmaxOps>(VecF::load(m + c), mt);
     VecF sum = VecF::zero();
-    for (int j = 0; j < n; ++j) {
-      float* s = st + j * kBlockQ + c;
-      const VecF p = vexp(VecF::load(s) - base);
-      p.store(s);
-      sum = sum + p;
+    if constexpr (kPairs) {
+#if defined(GK_SIMD_AVX512)
+      for (int j = 0; j < n; j += 2) {
+        const VecF p0 = vexp(VecF::load(st + j * BQ + c) - r.base);
+        const VecF p1 = j + 1 < n ? vexp(VecF::load(st + (j + 1) * BQ + c) - r.base) : VecF::zero();
+        sum = sum + (p0 + p1);
+        VecBF16Pairs::interleave(p0, p1).store(pp + (j / 2) * BQ + c);
+      }
+#endif
+    } else {
+      for (int j = 0; j < n; ++j) {
+        float* s = st + j * BQ + c;
+        const VecF p = vexp(VecF::load(s) - r.base);
+        p.store(s);
+        sum = sum + p;
+      }
     }
-    m_new.store(m + c);
-    fmadd(VecF::load(l + c), a, sum).store(l + c);
-    a.store(alpha + c);
+    r.m_new.store(m + c);
+    fmadd(VecF::load(l + c), r.self, sum).store(l + c);
+    r.self.store(alpha + c);
   }
 }
 
@@ -163,11 +215,11 @@ template <>
 constexpr bool kUseBF16Dot<bf16_t> = true;
 #endif
 
-// One work unit: queries [i0, i0 + nq) of head h of sequence b.
-template <class T>
-void query_tile(const FlashParams& p, int64_t b, int64_t h, int64_t i0) {
+// One work unit: queries [i0, i0 + nq) of head h of sequence b, nq <= BQ.
+template <class T, int BQ>
+void query_tile(const FlashParams& p, int64_t b, int64_t h, int64_t i0, float* scratch) {
   const int64_t D = p.head_dim, sq = p.seqlen_q_of(b), sk = p.seqlen_k_of(b);
-  const int nq = int(std::min<int64_t>(kBlockQ, sq - i0));
+  const int nq = int(std::min<int64_t>(BQ, sq - i0));
   const int64_t hk = h / p.group();
   const int64_t qo = p.q_offset(b), ko = p.k_offset(b);
   const T* q = static_cast<const T*>(p.q) + b * p.q_stride[0] + (qo + i0) * p.q_stride[1] + h * p.q_stride[2];
@@ -175,23 +227,23 @@ void query_tile(const FlashParams& p, int64_t b, int64_t h, int64_t i0) {
   const T* v = static_cast<const T*>(p.v) + b * p.v_stride[0] + ko * p.v_stride[1] + hk * p.v_stride[2];
   const int64_t ks = p.k_stride[1], vs = p.v_stride[1], qs = p.q_stride[1];
 
-  TileBuffers t = tile_buffers(D);
+  TileBuffers t = tile_buffers(scratch, D);
   const int64_t dp = t.dp;
-  for (int i = 0; i < kBlockQ; ++i) t.m[i] = -INFINITY, t.l[i] = 0.f, t.pos[i] = float(i0 + i + sk - sq);
-  std::fill(t.o, t.o + kBlockQ * dp, 0.f);
+  for (int i = 0; i < BQ; ++i) t.m[i] = -INFINITY, t.l[i] = 0.f, t.pos[i] = float(i0 + i + sk - sq);
+  std::fill(t.o, t.o + BQ * dp, 0.f);
 
   // Pack Q once: transposed fp32, or transposed bf16 (d, d+1) pairs; padding queries are 0.
   if constexpr (kUseBF16Dot<T>) {
     uint32_t* qp = reinterpret_cast<uint32_t*>(t.qt);
-    for (int i = 0; i < kBlockQ; ++i)
+    for (int i = 0; i < BQ; ++i)
       for (int64_t d2 = 0; d2 < D / 2; ++d2) {
         uint32_t w = 0;
         if (i < nq) std::memcpy(&w, q + i * qs + 2 * d2, 4);
-        qp[d2 * kBlockQ + i] = w;
+        qp[d2 * BQ + i] = w;
       }
   } else {
-    for (int i = 0; i < kBlockQ; ++i)
-      for (int64_t d = 0; d < D; ++d) t.qt[d * kBlockQ + i] = i < nq ? to_float(q[i * qs + d]) : 0.f;
+    for (int i = 0; i < BQ; ++i)
+      for (int64_t d = 0; d < D; ++d) t.qt[d * BQ + i] = i < nq ? to_float(q[i * qs + d]) : 0.f;
   }
 
   const FlashKeyRange first = flash_key_range(p, i0, sq, sk), last = flash_key_range(p, i0 + nq - 1, sq, sk);
@@ -217,29 +269,20 @@ void query_tile(const FlashParams& p, int64_t b, int64_t h, int64_t i0) {
       // next to each other first.
       bf16_t* kc = reinterpret_cast<bf16_t*>(t.kc);
       for (int j = 0; j < n; ++j) std::memcpy(kc + j * D, kt + j * ks, D * sizeof(bf16_t));
-      qk_tile_bf16(reinterpret_cast<const uint32_t*>(t.qt), kc, D, n, D, t.st);
-      finish_scores(rule, t.st, n, j0, t.pos);
-      online_softmax(t.st, n, t.m, t.l, t.alpha);
-      const int npairs = (n + 1) / 2;
-      for (int jp = 0; jp < npairs; ++jp)
-        for (int c = 0; c < kBlockQ; c += W) {
-          const VecF p0 = VecF::load(t.st + 2 * jp * kBlockQ + c);
-          const VecF p1 = 2 * jp + 1 < n ? VecF::load(t.st + (2 * jp + 1) * kBlockQ + c) : VecF::zero();
-          VecBF16Pairs::interleave(p0, p1).store(t.pp + jp * kBlockQ + c);
-        }
+      qk_tile_bf16<BQ>(reinterpret_cast<const uint32_t*>(t.qt), kc, D, n, D, t.st);
+      online_softmax<BQ, true>(rule, j0, t.pos, t.st, n, t.m, t.l, t.alpha, t.pp);
       uint32_t* vp = reinterpret_cast<uint32_t*>(t.vc);
       pack_v_pairs(vt, vs, n, D, dp, vp);
-      pv_tile_bf16(t.pp, npairs, vp, t.alpha, t.o, dp);
+      pv_tile_bf16<BQ>(t.pp, (n + 1) / 2, vp, t.alpha, t.o, dp);
 #endif
     } else {
       // fp32 copies of the K and V tiles: converts fp16 (and bf16 below AVX-512) once per tile,
       // and puts rows that are a head-stride apart (aliasing in L1) next to each other.
       rows_to_float(kt, ks, n, D, t.kc);
-      qk_tile(t.qt, t.kc, D, n, D, t.st);
-      finish_scores(rule, t.st, n, j0, t.pos);
-      online_softmax(t.st, n, t.m, t.l, t.alpha);
+      qk_tile<BQ>(t.qt, t.kc, D, n, D, t.st);
+      online_softmax<BQ, false>(rule, j0, t.pos, t.st, n, t.m, t.l, t.alpha, nullptr);
       rows_to_float(vt, vs, n, D, t.vc);
-      pv_tile(t.st, n, t.vc, D, t.alpha, t.o, dp, D);
+      pv_tile<BQ>(t.st, n, t.vc, D, t.alpha, t.o, dp, D);
     }
   }
 
@@ -262,25 +305,59 @@ struct WorkUnit {
   int64_t b, h, i0, cost;
 };
 
+template <class T, int BQ>
+void run_tiles(const FlashParams& p, int num_threads) {
+  // Work units grouped by (sequence, kv head), so that the threads work through one head's K and
+  // V at a time: 4 MB at seqlen 4096 and head dim 128 in fp32, read by every query tile, stays in
+  // L3 (all heads' K and V, 64 MB, would stream from DRAM). Inside a group the costliest units
+  // come first (causal tiles near the bottom see the most keys), so that each group, and the
+  // dynamic schedule, ends with cheap units; units of one query tile (the GQA heads of the group)
+  // are adjacent and read the same K / V tiles at about the same time.
+  std::vector<WorkUnit> units;
+  const int64_t group = p.group();
+  for (int64_t b = 0; b < p.batch; ++b) {
+    const int64_t sq = p.seqlen_q_of(b), sk = p.seqlen_k_of(b);
+    for (int64_t hk = 0; hk < p.heads_kv; ++hk) {
+      const size_t first_unit = units.size();
+      for (int64_t i0 = 0; i0 < sq; i0 += BQ) {
+        const int64_t nq = std::min<int64_t>(BQ, sq - i0);
+        const FlashKeyRange first = flash_key_range(p, i0, sq, sk), last = flash_key_range(p, i0 + nq - 1, sq, sk);
+        const int64_t cost = std::max<int64_t>(0, last.hi - first.lo) + 1;
+        for (int64_t h = hk * group; h < (hk + 1) * group; ++h) units.push_back({b, h, i0, cost});
+      }
+      std::stable_sort(units.begin() + first_unit, units.end(),
+                       [](const WorkUnit& a, const WorkUnit& c) { return a.cost > c.cost; });
+    }
+  }
+  const int64_t n = int64_t(units.size());
+  const int threads = int(std::max<int64_t>(1, std::min<int64_t>(num_threads, n)));
+  const size_t per_thread = scratch_floats(p.head_dim);
+  float* scratch = t_workspace.get(per_thread * size_t(threads));  // may throw: before the region
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1) if (threads > 1)
+  for (int64_t u = 0; u < n; ++u)
+    query_tile<T, BQ>(p, units[u].b, units[u].h, units[u].i0, scratch + per_thread * size_t(omp_get_thread_num()));
+}
+
+// The short query tile where it measured faster on the 2-core AVX-512 box (single thread, CPU
+// time): masked (causal / window) problems up to 1024 queries, where the 128-query tiles waste
+// the most on the diagonal (causal 512: +34%, 1024: +17% in fp32; at 2048 it is a wash), and any
+// problem up to 512 queries (more, smaller units; within noise otherwise).
+constexpr int64_t kShortSeqlenMasked = 1024, kShortSeqlen = 512;
+
+bool use_short_tiles(const FlashParams& p) {
+  const bool masked = p.causal || p.window_left >= 0 || p.window_right >= 0;
+  // p.seqlen_q is the longest sequence (an upper bound in varlen).
+  return p.seqlen_q <= (masked ? kShortSeqlenMasked : kShortSeqlen);
+}
+
 }  // namespace
 
 template <class T>
 void flash_attention(const FlashParams& p, int num_threads) {
-  // Work units, costliest first, so that the dynamic schedule ends balanced.
-  std::vector<WorkUnit> units;
-  for (int64_t b = 0; b < p.batch; ++b) {
-    const int64_t sq = p.seqlen_q_of(b), sk = p.seqlen_k_of(b);
-    for (int64_t i0 = 0; i0 < sq; i0 += kBlockQ) {
-      const int64_t nq = std::min<int64_t>(kBlockQ, sq - i0);
-      const FlashKeyRange first = flash_key_range(p, i0, sq, sk), last = flash_key_range(p, i0 + nq - 1, sq, sk);
-      const int64_t cost = std::max<int64_t>(0, last.hi - first.lo) + 1;
-      for (int64_t h = 0; h < p.heads_q; ++h) units.push_back({b, h, i0, cost});
-    }
-  }
-  std::stable_sort(units.begin(), units.end(), [](const WorkUnit& a, const WorkUnit& c) { return a.cost > c.cost; });
-  const int64_t n = int64_t(units.size());
-#pragma omp parallel for num_threads(num_threads) schedule(dynamic, 1) if (n > 1)
-  for (int64_t u = 0; u < n; ++u) query_tile<T>(p, units[u].b, units[u].h, units[u].i0);
+  if (use_short_tiles(p))
+    run_tiles<T, kBlockQShort>(p, num_threads);
+  else
+    run_tiles<T, kBlockQ>(p, num_threads);
 }
 
 template void flash_attention<float>(const FlashParams&, int);

@@ -17,27 +17,35 @@
 namespace gk::cpu::GK_CPU_ISA_NS::flash {
 
 constexpr int W = VecF::kWidth;
-// Queries per tile: the lanes of S^T (4 AVX-512 vectors). 64 keeps the per-tile Q^T (64 x 256
-// fp32 at most, 64 KB) and O (the same) in L2 and amortises the Q packing over every key tile.
-constexpr int kBlockQ = 64;
-// Keys per tile: S^T is kBlockK x kBlockQ fp32 = 16 KB, in L1 with the K rows it is built from.
+// Queries per tile: the lanes of S^T (2 x 4 AVX-512 vectors). Every query tile copies each K / V
+// tile it visits once (they are a head-stride apart in memory); 128 queries halve that traffic
+// against 64 (the copies fell from 11% to 6% of the time at seqlen 2048) while Q^T and O
+// (128 x 256 fp32 at most, 128 KB each) still sit in L2.
+constexpr int kBlockQ = 128;
+// Short sequences use 64-query tiles instead: twice the work units (load balance) and half the
+// masked work on the causal diagonal, where 128-query tiles waste up to a quarter of a 512 x 512
+// causal problem. Every function below takes the query tile BQ as a template argument (the
+// stride of Q^T, S^T and P).
+constexpr int kBlockQShort = 64;
+// Keys per tile: S^T is kBlockK x kBlockQ fp32 = 32 KB, next to the K tile it is built from.
 constexpr int kBlockK = 64;
 
 // Register blocks (keys x query vectors for S^T, queries x head-dim vectors for O). AVX-512 has
-// 32 registers: 6 x 4 = 24 accumulators + 4 operands + 1 broadcast for S^T, 4 x 4 for O (4 rows
-// divide the query tile, so the O update needs no remainder path). AVX2 has 16.
+// 32 registers: 6 x 4 = 24 accumulators + 4 operands + 1 broadcast, for S^T and for O alike
+// (24 FMAs per 10 loads; the O update takes the remaining BQ % 6 rows in one smaller block).
+// AVX2 has 16.
 #if defined(GK_SIMD_AVX512)
-constexpr int kQKRows = 6, kQKVecs = 4, kPVRows = 4, kPVVecs = 4;
+constexpr int kQKRows = 6, kQKVecs = 4, kPVRows = 6, kPVVecs = 4;
 #else
 constexpr int kQKRows = 4, kQKVecs = 2, kPVRows = 4, kPVVecs = 2;
 #endif
-static_assert(kBlockQ % (kQKVecs * W) == 0, "query chunks of the S^T block must tile the query tile");
-static_assert(kBlockQ % kPVRows == 0, "O row blocks must tile the query tile");
+static_assert(kBlockQShort % (kQKVecs * W) == 0, "query chunks of the S^T block must tile the query tile");
+static_assert(kBlockQ % kBlockQShort == 0, "the scratch sized for kBlockQ must hold a short tile");
 static_assert(kBlockK % 2 == 0, "bf16 P / V pairs need an even key tile");
 
 // ---------------------------------------------------------------------------------- S^T = K Q^T
-// st[r][c] (r < R keys, c < C*W queries) = sum_d k[r * k_stride + d] * qt[d * kBlockQ + c].
-template <int R, int C, class TK>
+// st[r][c] (r < R keys, c < C*W queries) = sum_d k[r * k_stride + d] * qt[d * BQ + c].
+template <int BQ, int R, int C, class TK>
 GK_INLINE void qk_block(const float* qt, const TK* k, int64_t k_stride, int64_t D, float* st) {
   VecF acc[R][C];
 #pragma GCC unroll 8
@@ -47,7 +55,7 @@ GK_INLINE void qk_block(const float* qt, const TK* k, int64_t k_stride, int64_t 
   for (int64_t d = 0; d < D; ++d) {
     VecF qv[C];
 #pragma GCC unroll 8
-    for (int c = 0; c < C; ++c) qv[c] = VecF::load(qt + d * kBlockQ + c * W);
+    for (int c = 0; c < C; ++c) qv[c] = VecF::load(qt + d * BQ + c * W);
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       const VecF kb = VecF::set1(k[r * k_stride + d]);
@@ -58,25 +66,28 @@ GK_INLINE void qk_block(const float* qt, const TK* k, int64_t k_stride, int64_t 
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
-    for (int c = 0; c < C; ++c) acc[r][c].store(st + r * kBlockQ + c * W);
+    for (int c = 0; c < C; ++c) acc[r][c].store(st + r * BQ + c * W);
 }
 
-// S^T for n keys (rows of k at k_stride) against the whole query tile.
-template <class TK>
+// S^T for n keys (rows of k at k_stride) against the whole query tile. Key blocks are the outer
+// loop (each block's 6 K rows stay in L1 while the Q^T chunks stream from L2). Measured on the
+// Zen 5 box: query chunks outer (Q^T chunk L1-resident) was no faster, and 12 x 2 blocks (12
+// broadcasts + 2 loads per 24 FMAs) were 15% slower than these 6 x 4 blocks (6 + 4).
+template <int BQ, class TK>
 inline void qk_tile(const float* qt, const TK* k, int64_t k_stride, int n, int64_t D, float* st) {
   constexpr int R = kQKRows, QC = kQKVecs * W;
   int j = 0;
   for (; j + R <= n; j += R)
-    for (int i = 0; i < kBlockQ; i += QC) qk_block<R, kQKVecs>(qt + i, k + j * k_stride, k_stride, D, st + j * kBlockQ + i);
+    for (int i = 0; i < BQ; i += QC) qk_block<BQ, R, kQKVecs>(qt + i, k + j * k_stride, k_stride, D, st + j * BQ + i);
   for (; j < n; ++j)
-    for (int i = 0; i < kBlockQ; i += QC) qk_block<1, kQKVecs>(qt + i, k + j * k_stride, k_stride, D, st + j * kBlockQ + i);
+    for (int i = 0; i < BQ; i += QC) qk_block<BQ, 1, kQKVecs>(qt + i, k + j * k_stride, k_stride, D, st + j * BQ + i);
 }
 
 // ---------------------------------------------------------------------------------- O += P V
-// o[r][0 : C*W] = o[r] * alpha[r] + sum_j pt[j * kBlockQ + r] * v[j * v_stride + 0 : C*W] for R
+// o[r][0 : C*W] = o[r] * alpha[r] + sum_j pt[j * BQ + r] * v[j * v_stride + 0 : C*W] for R
 // queries; `tail` > 0: the last vector has only `tail` valid head-dim lanes in v (the rest of o
 // is padding and stays finite).
-template <int R, int C, bool kTail, class TV>
+template <int BQ, int R, int C, bool kTail, class TV>
 GK_INLINE void pv_block(const float* pt, int n, const TV* v, int64_t v_stride, const float* alpha, float* o,
                         int64_t o_stride, int tail) {
   VecF acc[R][C];
@@ -93,7 +104,7 @@ GK_INLINE void pv_block(const float* pt, int n, const TV* v, int64_t v_stride, c
       vv[c] = (kTail && c == C - 1) ? load_first(v + j * v_stride + c * W, tail) : VecF::load(v + j * v_stride + c * W);
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
-      const VecF pb = VecF::set1(pt[j * kBlockQ + r]);
+      const VecF pb = VecF::set1(pt[j * BQ + r]);
 #pragma GCC unroll 8
       for (int c = 0; c < C; ++c) acc[r][c] = fmadd(pb, vv[c], acc[r][c]);
     }
@@ -104,25 +115,35 @@ GK_INLINE void pv_block(const float* pt, int n, const TV* v, int64_t v_stride, c
     for (int c = 0; c < C; ++c) acc[r][c].store(o + r * o_stride + c * W);
 }
 
-// O (kBlockQ x o_stride fp32, o_stride = D rounded up to W) = O * alpha + P V for n keys.
-template <class TV>
+// All BQ query rows of one head-dim chunk [d, d + C*W): kPVRows-row blocks, then the rest.
+template <int BQ, int C, bool kTail, class TV>
+GK_INLINE void pv_rows(const float* pt, int n, const TV* v, int64_t v_stride, const float* alpha, float* o,
+                       int64_t o_stride, int tail) {
+  constexpr int R = kPVRows, kRest = BQ % kPVRows;
+  int i = 0;
+  for (; i + R <= BQ; i += R) pv_block<BQ, R, C, kTail>(pt + i, n, v, v_stride, alpha + i, o + i * o_stride, o_stride, tail);
+  if constexpr (kRest > 0) pv_block<BQ, kRest, C, kTail>(pt + i, n, v, v_stride, alpha + i, o + i * o_stride, o_stride, tail);
+}
+
+// O (BQ x o_stride fp32, o_stride = D rounded up to W) = O * alpha + P V for n keys. The
+// head-dim chunk is the outer loop: its slice of the V tile (64 keys x 64 floats, 16 KB) stays
+// in L1 while every query row block streams over it.
+template <int BQ, class TV>
 inline void pv_tile(const float* pt, int n, const TV* v, int64_t v_stride, const float* alpha, float* o,
                     int64_t o_stride, int64_t D) {
-  constexpr int R = kPVRows, DC = kPVVecs * W;
+  constexpr int DC = kPVVecs * W;
   const int tail = int(D % W);
-  for (int i = 0; i < kBlockQ; i += R) {
-    int64_t d = 0;
-    for (; d + DC <= D; d += DC) pv_block<R, kPVVecs, false>(pt + i, n, v + d, v_stride, alpha + i, o + i * o_stride + d, o_stride, 0);
-    for (; d + W <= D; d += W) pv_block<R, 1, false>(pt + i, n, v + d, v_stride, alpha + i, o + i * o_stride + d, o_stride, 0);
-    if (tail) pv_block<R, 1, true>(pt + i, n, v + d, v_stride, alpha + i, o + i * o_stride + d, o_stride, tail);
-  }
+  int64_t d = 0;
+  for (; d + DC <= D; d += DC) pv_rows<BQ, kPVVecs, false>(pt, n, v + d, v_stride, alpha, o + d, o_stride, 0);
+  for (; d + W <= D; d += W) pv_rows<BQ, 1, false>(pt, n, v + d, v_stride, alpha, o + d, o_stride, 0);
+  if (tail) pv_rows<BQ, 1, true>(pt, n, v + d, v_stride, alpha, o + d, o_stride, tail);
 }
 
 #if defined(GK_SIMD_AVX512)
 // ---------------------------------------------------------------------------------- bf16 pairs
-// S^T for R keys: qp holds Q as (d, d+1) pairs, qp[dp * kBlockQ + i] = (q[i][2dp], q[i][2dp+1]);
+// S^T for R keys: qp holds Q as (d, d+1) pairs, qp[dp * BQ + i] = (q[i][2dp], q[i][2dp+1]);
 // each K pair is broadcast from its row.
-template <int R, int C>
+template <int BQ, int R, int C>
 GK_INLINE void qk_block_bf16(const uint32_t* qp, const bf16_t* k, int64_t k_stride, int64_t D, float* st) {
   VecF acc[R][C];
 #pragma GCC unroll 8
@@ -132,7 +153,7 @@ GK_INLINE void qk_block_bf16(const uint32_t* qp, const bf16_t* k, int64_t k_stri
   for (int64_t dp = 0; dp < D / 2; ++dp) {
     VecBF16Pairs qv[C];
 #pragma GCC unroll 8
-    for (int c = 0; c < C; ++c) qv[c] = VecBF16Pairs::load(qp + dp * kBlockQ + c * W);
+    for (int c = 0; c < C; ++c) qv[c] = VecBF16Pairs::load(qp + dp * BQ + c * W);
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       const VecBF16Pairs kb = VecBF16Pairs::broadcast(k + r * k_stride + 2 * dp);
@@ -143,21 +164,22 @@ GK_INLINE void qk_block_bf16(const uint32_t* qp, const bf16_t* k, int64_t k_stri
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
-    for (int c = 0; c < C; ++c) acc[r][c].store(st + r * kBlockQ + c * W);
+    for (int c = 0; c < C; ++c) acc[r][c].store(st + r * BQ + c * W);
 }
 
+template <int BQ>
 inline void qk_tile_bf16(const uint32_t* qp, const bf16_t* k, int64_t k_stride, int n, int64_t D, float* st) {
   constexpr int R = kQKRows, QC = kQKVecs * W;
   int j = 0;
   for (; j + R <= n; j += R)
-    for (int i = 0; i < kBlockQ; i += QC) qk_block_bf16<R, kQKVecs>(qp + i, k + j * k_stride, k_stride, D, st + j * kBlockQ + i);
+    for (int i = 0; i < BQ; i += QC) qk_block_bf16<BQ, R, kQKVecs>(qp + i, k + j * k_stride, k_stride, D, st + j * BQ + i);
   for (; j < n; ++j)
-    for (int i = 0; i < kBlockQ; i += QC) qk_block_bf16<1, kQKVecs>(qp + i, k + j * k_stride, k_stride, D, st + j * kBlockQ + i);
+    for (int i = 0; i < BQ; i += QC) qk_block_bf16<BQ, 1, kQKVecs>(qp + i, k + j * k_stride, k_stride, D, st + j * BQ + i);
 }
 
-// O update from pairs: pp[jp * kBlockQ + i] = (p[2jp][i], p[2jp+1][i]) and
+// O update from pairs: pp[jp * BQ + i] = (p[2jp][i], p[2jp+1][i]) and
 // vp[jp * o_stride + d] = (v[2jp][d], v[2jp+1][d]), zero-padded to o_stride head-dim lanes.
-template <int R, int C>
+template <int BQ, int R, int C>
 GK_INLINE void pv_block_bf16(const uint32_t* pp, int npairs, const uint32_t* vp, int64_t o_stride, const float* alpha,
                              float* o) {
   VecF acc[R][C];
@@ -173,7 +195,7 @@ GK_INLINE void pv_block_bf16(const uint32_t* pp, int npairs, const uint32_t* vp,
     for (int c = 0; c < C; ++c) vv[c] = VecBF16Pairs::load(vp + jp * o_stride + c * W);
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
-      const VecBF16Pairs pb = VecBF16Pairs::broadcast(pp + jp * kBlockQ + r);
+      const VecBF16Pairs pb = VecBF16Pairs::broadcast(pp + jp * BQ + r);
 #pragma GCC unroll 8
       for (int c = 0; c < C; ++c) acc[r][c] = dot_bf16_pairs(pb, vv[c], acc[r][c]);
     }
@@ -184,13 +206,22 @@ GK_INLINE void pv_block_bf16(const uint32_t* pp, int npairs, const uint32_t* vp,
     for (int c = 0; c < C; ++c) acc[r][c].store(o + r * o_stride + c * W);
 }
 
+template <int BQ, int C>
+GK_INLINE void pv_rows_bf16(const uint32_t* pp, int npairs, const uint32_t* vp, int64_t o_stride, const float* alpha,
+                            float* o) {
+  constexpr int R = kPVRows, kRest = BQ % kPVRows;
+  int i = 0;
+  for (; i + R <= BQ; i += R) pv_block_bf16<BQ, R, C>(pp + i, npairs, vp, o_stride, alpha + i, o + i * o_stride);
+  if constexpr (kRest > 0) pv_block_bf16<BQ, kRest, C>(pp + i, npairs, vp, o_stride, alpha + i, o + i * o_stride);
+}
+
+// Head-dim chunk outer, as in pv_tile.
+template <int BQ>
 inline void pv_tile_bf16(const uint32_t* pp, int npairs, const uint32_t* vp, const float* alpha, float* o, int64_t o_stride) {
-  constexpr int R = kPVRows, DC = kPVVecs * W;
-  for (int i = 0; i < kBlockQ; i += R) {
-    int64_t d = 0;
-    for (; d + DC <= o_stride; d += DC) pv_block_bf16<R, kPVVecs>(pp + i, npairs, vp + d, o_stride, alpha + i, o + i * o_stride + d);
-    for (; d < o_stride; d += W) pv_block_bf16<R, 1>(pp + i, npairs, vp + d, o_stride, alpha + i, o + i * o_stride + d);
-  }
+  constexpr int DC = kPVVecs * W;
+  int64_t d = 0;
+  for (; d + DC <= o_stride; d += DC) pv_rows_bf16<BQ, kPVVecs>(pp, npairs, vp + d, o_stride, alpha, o + d);
+  for (; d < o_stride; d += W) pv_rows_bf16<BQ, 1>(pp, npairs, vp + d, o_stride, alpha, o + d);
 }
 
 // vp[jp][d] = (v[2jp][d], v[2jp+1][d]) for n rows of v (the missing odd row and the lanes
