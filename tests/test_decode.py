@@ -175,3 +175,29 @@ def test_append_then_decode_equals_flash_attention_prefill(page_size):
     want, _ = ref.decode_attention(q_all[:, -4:], k_all, v_all, lens)
     assert_close("decode", out, want)
     assert_close("decode vs flash_attention", out, prefill.double())
+
+
+def test_public_call_dispatches_under_fake_and_dispatch_modes():
+    # the public function skips the dispatcher only in plain eager mode; fake tensors and
+    # dispatch modes must still see genkernels::decode_attention
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils.flop_counter import FlopCounterMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Seen(TorchDispatchMode):
+        ops: list = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    k, v, _ = make_cache(2, 32, 2, 64, torch.float32)
+    q, lens = torch.randn(2, 1, 4, 64), torch.tensor([32, 5], dtype=torch.int32)
+    with Seen() as seen:
+        gk.decode_attention(q, k, v, lens)
+    assert any("genkernels.decode_attention" in o for o in seen.ops)
+    with FakeTensorMode() as mode:
+        out = gk.decode_attention(mode.from_tensor(q), mode.from_tensor(k), mode.from_tensor(v), mode.from_tensor(lens))
+    assert out.shape == q.shape
+    with FlopCounterMode(display=False):
+        assert torch.equal(gk.decode_attention(q, k, v, lens), gk.decode_attention(q, k, v, lens))

@@ -179,8 +179,21 @@ void flash_attention(int device, int dtype, uintptr_t q, int64_t q_sb, int64_t q
 }
 
 // ------------------------------------------------------------------ decode attention, KV append
+// Test hook: when set, the emulated device skips the host-side index checks below, as CUDA does,
+// so tests can drive the kernels' own guards against bad cache_seqlens / block_table values.
+bool g_emulate_unchecked_indices = false;
+bool set_emulate_unchecked_indices(bool on) {
+  const bool old = g_emulate_unchecked_indices;
+  g_emulate_unchecked_indices = on;
+  return old;
+}
+bool host_checks_indices(Device dev) {
+  return dev == Device::kCPU || (dev == Device::kEmulated && !g_emulate_unchecked_indices);
+}
+
 // Cache checks that need the values of cache_seqlens and block_table: run for host memory (CPU
-// and emulated devices) before anything is read or written; CUDA callers are checked in Python.
+// and emulated devices) before anything is read or written. On CUDA the kernels guard instead
+// (reading device values here would synchronise): see csrc/cuda/decode_attention.cuh.
 void check_cache_indices(const char* op, const int32_t* seqlens, int64_t batch, int64_t extra, int64_t capacity,
                          const int32_t* block_table, int64_t bt_stride, int64_t page_size, int64_t num_pages) {
   for (int64_t b = 0; b < batch; ++b) {
@@ -227,7 +240,7 @@ void decode_attention(int device, int dtype, uintptr_t q, int64_t q_sb, int64_t 
   p.block_table = as_ptr<const int32_t>(block_table);
   p.block_table_stride = bt_stride;
   p.page_size = block_table ? page_size : 0;
-  p.capacity = capacity;
+  p.capacity = capacity, p.num_pages = num_pages;
   p.cache_seqlens = as_ptr<const int32_t>(cache_seqlens);
   p.alibi_slopes = as_ptr<const float>(alibi);
   p.alibi_batch_stride = alibi_bstride;
@@ -239,7 +252,7 @@ void decode_attention(int device, int dtype, uintptr_t q, int64_t q_sb, int64_t 
   p.window_left = window_left, p.window_right = window_right;
   if (batch == 0 || seqlen_q == 0) return;
   require(p.q && p.k && p.v && p.out && p.cache_seqlens, "decode_attention: null pointer");
-  if (dev != Device::kCUDA)
+  if (host_checks_indices(dev))
     check_cache_indices("decode_attention", p.cache_seqlens, batch, 0, capacity, p.block_table, bt_stride, page_size, num_pages);
   void* s = as_ptr<void>(stream);
   GK_DISPATCH_DTYPE(dtype, T,
@@ -273,7 +286,7 @@ void append_kv_cache(int device, int dtype, uintptr_t k_new, uintptr_t v_new, in
   p.block_table = as_ptr<const int32_t>(block_table);
   p.block_table_stride = bt_stride;
   p.page_size = block_table ? page_size : 0;
-  p.capacity = capacity;
+  p.capacity = capacity, p.num_pages = num_pages;
   p.cache_seqlens = as_ptr<int32_t>(cache_seqlens);
   p.batch = batch, p.seqlen_new = seqlen_new, p.heads_kv = heads_kv, p.head_dim = head_dim;
   p.rotary_cos = as_ptr<const float>(rotary_cos), p.rotary_sin = as_ptr<const float>(rotary_sin);
@@ -283,7 +296,7 @@ void append_kv_cache(int device, int dtype, uintptr_t k_new, uintptr_t v_new, in
   if (seqlen_new == 0) return;
   require(p.k_new && p.v_new && p.k && p.v, "append_kv_cache: null pointer");
   require(rotary_dim == 0 || (p.rotary_cos && p.rotary_sin), "append_kv_cache: null rotary table");
-  if (dev != Device::kCUDA) {
+  if (host_checks_indices(dev)) {
     check_cache_indices("append_kv_cache", p.cache_seqlens, batch, seqlen_new, capacity, p.block_table, bt_stride,
                         page_size, num_pages);
     for (int64_t b = 0; b < batch && rotary_dim; ++b)
@@ -316,11 +329,11 @@ void apply_rotary(int device, int dtype, uintptr_t x, int64_t x_sb, int64_t x_ss
   p.positions = as_ptr<const int32_t>(positions);
   p.positions_stride[0] = pos_sb, p.positions_stride[1] = pos_ss;
   p.cos = as_ptr<const float>(cos), p.sin = as_ptr<const float>(sin);
-  p.rotary_dim = rotary_dim, p.interleaved = interleaved;
+  p.rotary_dim = rotary_dim, p.rotary_positions = rotary_positions, p.interleaved = interleaved;
   p.batch = batch, p.seqlen = seqlen, p.heads = heads, p.head_dim = head_dim;
   if (batch * seqlen * heads == 0) return;
   require(p.x && p.out && p.positions && p.cos && p.sin, "apply_rotary: null pointer");
-  if (dev != Device::kCUDA)
+  if (host_checks_indices(dev))
     for (int64_t b = 0; b < batch; ++b)
       for (int64_t s = 0; s < seqlen; ++s) {
         const int32_t pos = p.positions[b * pos_sb + s * pos_ss];
@@ -461,6 +474,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("merge_attention_states", &merge_attention_states, py::call_guard<py::gil_scoped_release>());
   m.def("flash_attention", &flash_attention, py::call_guard<py::gil_scoped_release>());
   m.def("decode_attention", &decode_attention, py::call_guard<py::gil_scoped_release>());
+  m.def("_set_emulate_unchecked_indices", &set_emulate_unchecked_indices,
+        "test hook: emulated decode/append skip the host index checks, as on CUDA; returns the old value");
   m.def("append_kv_cache", &append_kv_cache, py::call_guard<py::gil_scoped_release>());
   m.def("apply_rotary", &apply_rotary, py::call_guard<py::gil_scoped_release>());
   m.def("philox4x32_10", &philox4x32_10, "Philox4x32-10 of (counter[4], key[2]) (known-answer tests)");

@@ -28,6 +28,7 @@ struct DecodeParams {
   int64_t block_table_stride = 0;        // elements between rows of block_table
   int64_t page_size = 0;                 // paged: tokens per page (power of two)
   int64_t capacity = 0;                  // tokens a sequence may hold (max_pages * page_size, or max_seqlen)
+  int64_t num_pages = 0;                 // paged: pages in the pool (valid block_table entries are [0, num_pages))
   const int32_t* cache_seqlens = nullptr;
   const float* alibi_slopes = nullptr;   // (batch, heads_q) with alibi_batch_stride (0: one row for all), or null
   int64_t alibi_batch_stride = 0;
@@ -108,6 +109,7 @@ struct AppendKVParams {
   int64_t block_table_stride = 0;
   int64_t page_size = 0;
   int64_t capacity = 0;
+  int64_t num_pages = 0;
   int32_t* cache_seqlens = nullptr;  // advanced by seqlen_new when advance_seqlens
   bool advance_seqlens = true;
   int64_t batch = 0, seqlen_new = 0, heads_kv = 0, head_dim = 0;
@@ -130,6 +132,7 @@ struct RotaryParams {
   const float* cos = nullptr;
   const float* sin = nullptr;
   int64_t rotary_dim = 0;
+  int64_t rotary_positions = 0;  // rows of cos/sin; CUDA writes NaN rows for positions outside [0, rows)
   bool interleaved = false;
   int64_t batch = 0, seqlen = 0, heads = 0, head_dim = 0;
 };
@@ -147,6 +150,43 @@ GK_HOST_DEVICE GK_INLINE int64_t cache_token_offset(const int32_t* block_table, 
 #endif
   const int64_t page = block_table[b * block_table_stride + (t >> shift)];
   return page * stride[0] + (t & (page_size - 1)) * stride[1];
+}
+
+// As cache_token_offset, for kernels that cannot trust the indices (CUDA: the host does not read
+// device-resident cache_seqlens / block_table, that would synchronise). The caller guarantees
+// t < capacity (so the block_table row is in range); a page outside [0, num_pages) returns false
+// and leaves `offset` at 0, so nothing outside the pool is ever addressed.
+GK_HOST_DEVICE GK_INLINE bool cache_token_offset_checked(const int32_t* block_table, int64_t block_table_stride,
+                                                         int64_t page_size, int64_t num_pages, const int64_t (&stride)[3],
+                                                         int64_t b, int64_t t, int64_t& offset) {
+  offset = 0;
+  if (!block_table) {
+    offset = b * stride[0] + t * stride[1];
+    return true;
+  }
+#if defined(__CUDA_ARCH__)
+  const int shift = __ffsll(page_size) - 1;
+#else
+  const int shift = __builtin_ctzll(static_cast<unsigned long long>(page_size));
+#endif
+  const int64_t page = block_table[b * block_table_stride + (t >> shift)];
+  if (page < 0 || page >= num_pages) return false;
+  offset = page * stride[0] + (t & (page_size - 1)) * stride[1];
+  return true;
+}
+
+// Whether an append of seqlen_new tokens to sequence b is in range: 0 <= L, L + seqlen_new <=
+// capacity (and <= the rotary table's positions), every page it writes a valid page index. The
+// CUDA append checks this per sequence on the device: all of a sequence's writes or none.
+GK_HOST_DEVICE GK_INLINE bool append_in_range(const AppendKVParams& p, int64_t b) {
+  const int64_t L = p.cache_seqlens[b], end = L + p.seqlen_new;
+  if (L < 0 || end > p.capacity || (p.rotary_dim > 0 && end > p.rotary_positions)) return false;
+  if (!p.block_table || p.seqlen_new == 0) return true;
+  for (int64_t i = L / p.page_size; i <= (end - 1) / p.page_size; ++i) {
+    const int32_t page = p.block_table[b * p.block_table_stride + i];
+    if (page < 0 || page >= p.num_pages) return false;
+  }
+  return true;
 }
 
 }  // namespace gk

@@ -1,5 +1,5 @@
 // AVX-512 work item of the CPU decode attention (included by cpu/kernels/decode_attention.cpp
-// inside its ISA namespace; only the AVX-512 level compiles it). Same algorithm, tiling and
+// inside its ISA namespace; only the AVX-512 level compiles it). Same work split, algorithm, tiling and
 // csrc/core softmax state as the generic work item, with the instruction count per cache byte
 // cut so that two cores keep up with memory:
 //  - K and V are read straight from the cache in their dtype (no fp32 tile copy): fp16 through
@@ -70,106 +70,106 @@ inline void pv_rows(float* const* acc, const float* const* p, const T* const* v,
   }
 }
 
-// The work item (b, kv head, split) for head dims that are multiples of 64. Leaves the rows'
-// accumulators and SoftmaxStats in `sc` for the caller's finish step.
+// The work item (b, split) for head dims that are multiples of 64: rows initialised by
+// init_rows (bf16 q for bf16 caches); leaves the accumulators and SoftmaxStats of every row of
+// every kv head in `sc` for the caller's finish step.
 template <class T>
-void decode_work_item_avx512(const DecodeParams& p, Scratch& sc, int64_t b, int64_t kvh, const KeyRange split_keys) {
+void decode_work_item_avx512(const DecodeParams& p, Scratch& sc, int64_t b, const KeyRange split_keys) {
   const int64_t D = p.head_dim, G = p.group(), Sq = p.seqlen_q, R = Sq * G, L = p.cache_seqlens[b];
   const bool plain_scores = p.softcap == 0.f && !p.alibi_slopes;
-  std::vector<bf16_t>& qb = sc.qb;
-  for (int64_t r = 0; r < R; ++r) {
-    const int64_t s = r / G, h = kvh * G + r % G;
-    const T* qrow = static_cast<const T*>(p.q) + b * p.q_stride[0] + s * p.q_stride[1] + h * p.q_stride[2];
-    if constexpr (std::is_same_v<T, bf16_t>) std::copy(qrow, qrow + D, qb.data() + r * D);
-    else load_row_f32(qrow, sc.q.data() + r * D, D, D);
-    std::fill_n(sc.acc.data() + r * D, D, 0.f);
-    sc.stats[r] = SoftmaxStats{};
-    const KeyRange kr = visible_keys(p, s, L);
-    sc.lo[r] = std::max(kr.lo, split_keys.lo), sc.hi[r] = std::min(kr.hi, split_keys.hi);
-  }
-  const T* kbase = static_cast<const T*>(p.k) + kvh * p.k_stride[2];
-  const T* vbase = static_cast<const T*>(p.v) + kvh * p.v_stride[2];
-  // Row pointers of the current and the next tile: page lookups hoisted out of every inner loop,
-  // and the next tile's rows prefetched while this one computes (the rows of one kv head are
-  // short strided runs that the hardware prefetchers follow poorly, pages jump anywhere).
-  const T* ptrs[2][2][kTile];
   const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  // Token offsets of the current and the next tile (double buffer): page lookups hoisted out of
+  // every inner loop and shared by all kv heads. While head h of this tile computes, head h's
+  // rows of the next tile are prefetched into L2: the prefetches are spread evenly over the
+  // tile's work (a burst would overflow the miss buffers), and pages jump anywhere, so the
+  // hardware prefetchers alone cannot run ahead across a page boundary.
+  int64_t* offs[2][2] = {{sc.koff.data(), sc.voff.data()}, {sc.koff.data() + kTile, sc.voff.data() + kTile}};
   constexpr int kLineBytes = 64;
+  const int64_t ks2 = p.k_stride[2], vs2 = p.v_stride[2];
   const int64_t row_bytes = D * int64_t(sizeof(T));
-  auto lookup = [&](int64_t t0, const T** kp, const T** vp, bool prefetch) {
-    const int nk = int(std::min<int64_t>(kTile, split_keys.hi - t0));
+  auto prefetch_head = [&](const int64_t* ko, const int64_t* vo, int nk, int64_t kvh) {
+    const char* kb = static_cast<const char*>(p.k) + kvh * ks2 * int64_t(sizeof(T));
+    const char* vb = static_cast<const char*>(p.v) + kvh * vs2 * int64_t(sizeof(T));
     for (int j = 0; j < nk; ++j) {
-      kp[j] = kbase + cache_token_offset(p.block_table, p.block_table_stride, p.page_size, p.k_stride, b, t0 + j);
-      vp[j] = vbase + cache_token_offset(p.block_table, p.block_table_stride, p.page_size, p.v_stride, b, t0 + j);
-      if (prefetch)
-        for (int64_t off = 0; off < row_bytes; off += kLineBytes) {
-          _mm_prefetch(reinterpret_cast<const char*>(kp[j]) + off, _MM_HINT_T0);
-          _mm_prefetch(reinterpret_cast<const char*>(vp[j]) + off, _MM_HINT_T0);
-        }
+      const char* kr = kb + ko[j] * int64_t(sizeof(T));
+      const char* vr = vb + vo[j] * int64_t(sizeof(T));
+      for (int64_t off = 0; off < row_bytes; off += kLineBytes) _mm_prefetch(kr + off, _MM_HINT_T1), _mm_prefetch(vr + off, _MM_HINT_T1);
     }
-    for (int j = nk; j < kTile; ++j) kp[j] = kp[0], vp[j] = vp[0];  // masked padding
   };
-  if (split_keys.lo < split_keys.hi) lookup(split_keys.lo, ptrs[0][0], ptrs[0][1], false);
+  if (split_keys.lo < split_keys.hi)
+    lookup_tile(p, b, split_keys.lo, int(std::min<int64_t>(kTile, split_keys.hi - split_keys.lo)), offs[0][0], offs[0][1]);
 
   for (int64_t t0 = split_keys.lo, it = 0; t0 < split_keys.hi; t0 += kTile, ++it) {
     const int nk = int(std::min<int64_t>(kTile, split_keys.hi - t0));
-    const T* const* kptr = ptrs[it & 1][0];
-    const T* const* vptr = ptrs[it & 1][1];
-    if (t0 + kTile < split_keys.hi) lookup(t0 + kTile, ptrs[(it + 1) & 1][0], ptrs[(it + 1) & 1][1], true);
+    const int64_t* ko = offs[it & 1][0];
+    const int64_t* vo = offs[it & 1][1];
+    const int nk_next = int(std::max<int64_t>(0, std::min<int64_t>(kTile, split_keys.hi - t0 - kTile)));
+    if (nk_next) lookup_tile(p, b, t0 + kTile, nk_next, offs[(it + 1) & 1][0], offs[(it + 1) & 1][1]);
+    for (int64_t kvh = 0; kvh < p.heads_kv; ++kvh) {
+      if (nk_next) prefetch_head(offs[(it + 1) & 1][0], offs[(it + 1) & 1][1], nk_next, kvh);
+      const T* kptr[kTile];
+      const T* vptr[kTile];
+      const T* kbase = static_cast<const T*>(p.k) + kvh * ks2;
+      const T* vbase = static_cast<const T*>(p.v) + kvh * vs2;
+      for (int j = 0; j < kTile; ++j) kptr[j] = kbase + ko[j], vptr[j] = vbase + vo[j];
 
-    // scores and softmax of every row; rows without a visible key in the tile get p = 0
-    for (int64_t r = 0; r < R; ++r) {
-      const int64_t lo = sc.lo[r], hi = sc.hi[r];
-      float* prow = sc.scores.data() + r * kTile;
-      if (hi <= t0 || lo >= t0 + nk) {
-        _mm512_storeu_ps(prow, _mm512_setzero_ps());
-        continue;
-      }
-      __m512 s = dot16<T>(sc.q.data() + r * D, qb.data() + r * D, kptr, D);
-      if (plain_scores) {
-        s = _mm512_mul_ps(s, _mm512_set1_ps(p.scale));
-        if (lo > t0 || hi < t0 + kTile) {  // partly visible tile: mask lanes outside [lo, hi)
-          const __m512i t = _mm512_add_epi32(lane, _mm512_set1_epi32(int(t0 - lo)));
-          const __mmask16 vis = _mm512_cmp_epi32_mask(t, _mm512_setzero_si512(), _MM_CMPINT_NLT) &
-                                _mm512_cmp_epi32_mask(t, _mm512_set1_epi32(int(hi - lo)), _MM_CMPINT_LT);
-          s = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), vis, s);
+      // scores and softmax of every row; rows without a visible key in the tile get p = 0
+      for (int64_t r = 0; r < R; ++r) {
+        const int64_t rr = kvh * R + r, lo = sc.lo[rr], hi = sc.hi[rr];
+        float* prow = sc.scores.data() + rr * kTile;
+        if (hi <= t0 || lo >= t0 + nk) {
+          _mm512_storeu_ps(prow, _mm512_setzero_ps());
+          continue;
         }
-        _mm512_storeu_ps(prow, s);
-      } else {
-        _mm512_storeu_ps(prow, s);
-        const int64_t sq = r / G, h = kvh * G + r % G, pos = sq + L - Sq;
-        const float slope = p.alibi_slopes ? p.alibi_slopes[b * p.alibi_batch_stride + h] : 0.f;
-        for (int j = 0; j < kTile; ++j) {
-          const int64_t t = t0 + j;
-          prow[j] = (t >= lo && t < hi) ? decode_score(prow[j], p.scale, p.softcap, slope, pos - t) : -INFINITY;
+        __m512 s = dot16<T>(sc.q.data() + rr * D, sc.qb.data() + rr * D, kptr, D);
+        if (plain_scores) {
+          s = _mm512_mul_ps(s, _mm512_set1_ps(p.scale));
+          if (lo > t0 || hi < t0 + kTile) {  // partly visible tile: mask lanes outside [lo, hi)
+            const __m512i t = _mm512_add_epi32(lane, _mm512_set1_epi32(int(t0 - lo)));
+            const __mmask16 vis = _mm512_cmp_epi32_mask(t, _mm512_setzero_si512(), _MM_CMPINT_NLT) &
+                                  _mm512_cmp_epi32_mask(t, _mm512_set1_epi32(int(hi - lo)), _MM_CMPINT_LT);
+            s = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), vis, s);
+          }
+          _mm512_storeu_ps(prow, s);
+        } else {
+          _mm512_storeu_ps(prow, s);
+          const int64_t sq = r / G, h = kvh * G + r % G, pos = sq + L - Sq;
+          const float slope = p.alibi_slopes ? p.alibi_slopes[b * p.alibi_batch_stride + h] : 0.f;
+          for (int j = 0; j < kTile; ++j) {
+            const int64_t t = t0 + j;
+            prow[j] = (t >= lo && t < hi) ? decode_score(prow[j], p.scale, p.softcap, slope, pos - t) : -INFINITY;
+          }
+          s = _mm512_loadu_ps(prow);
         }
-        s = _mm512_loadu_ps(prow);
+        const float m_tile = _mm512_reduce_max_ps(s);
+        if (m_tile == -INFINITY) {
+          _mm512_storeu_ps(prow, _mm512_setzero_ps());
+          continue;
+        }
+        _mm512_storeu_ps(prow, _mm512_sub_ps(s, _mm512_set1_ps(m_tile)));
+        exp_tile(prow);
+        const __m512 e = _mm512_loadu_ps(prow);
+        const MergeFactors f = sc.stats[rr].merge(m_tile, _mm512_reduce_add_ps(e));
+        float* acc = sc.acc.data() + rr * D;
+        if (f.self != 1.f)
+          for (int64_t d = 0; d < D; d += 16) _mm512_storeu_ps(acc + d, _mm512_mul_ps(_mm512_loadu_ps(acc + d), _mm512_set1_ps(f.self)));
+        _mm512_storeu_ps(prow, _mm512_mul_ps(e, _mm512_set1_ps(f.other)));
       }
-      const float m_tile = _mm512_reduce_max_ps(s);
-      if (m_tile == -INFINITY) {
-        _mm512_storeu_ps(prow, _mm512_setzero_ps());
-        continue;
-      }
-      _mm512_storeu_ps(prow, _mm512_sub_ps(s, _mm512_set1_ps(m_tile)));
-      exp_tile(prow);
-      const __m512 e = _mm512_loadu_ps(prow);
-      const MergeFactors f = sc.stats[r].merge(m_tile, _mm512_reduce_add_ps(e));
-      float* acc = sc.acc.data() + r * D;
-      if (f.self != 1.f)
-        for (int64_t d = 0; d < D; d += 16) _mm512_storeu_ps(acc + d, _mm512_mul_ps(_mm512_loadu_ps(acc + d), _mm512_set1_ps(f.self)));
-      _mm512_storeu_ps(prow, _mm512_mul_ps(e, _mm512_set1_ps(f.other)));
-    }
-    // P.V, four rows per pass over the tile's V rows
-    for (int64_t r0 = 0; r0 < R; r0 += 4) {
-      float* acc[4];
-      const float* pr[4];
-      const int rows = int(std::min<int64_t>(4, R - r0));
-      for (int i = 0; i < rows; ++i) acc[i] = sc.acc.data() + (r0 + i) * D, pr[i] = sc.scores.data() + (r0 + i) * kTile;
-      switch (rows) {
-        case 4: pv_rows<4>(acc, pr, vptr, nk, D); break;
-        case 3: pv_rows<3>(acc, pr, vptr, nk, D); break;
-        case 2: pv_rows<2>(acc, pr, vptr, nk, D); break;
-        default: pv_rows<1>(acc, pr, vptr, nk, D); break;
+      // P.V, four rows per pass over the tile's V rows
+      for (int64_t r0 = 0; r0 < R; r0 += 4) {
+        float* acc[4];
+        const float* pr[4];
+        const int rows = int(std::min<int64_t>(4, R - r0));
+        for (int i = 0; i < rows; ++i) {
+          const int64_t rr = kvh * R + r0 + i;
+          acc[i] = sc.acc.data() + rr * D, pr[i] = sc.scores.data() + rr * kTile;
+        }
+        switch (rows) {
+          case 4: pv_rows<4>(acc, pr, vptr, nk, D); break;
+          case 3: pv_rows<3>(acc, pr, vptr, nk, D); break;
+          case 2: pv_rows<2>(acc, pr, vptr, nk, D); break;
+          default: pv_rows<1>(acc, pr, vptr, nk, D); break;
+        }
       }
     }
   }

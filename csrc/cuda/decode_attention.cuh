@@ -11,6 +11,11 @@
 // writes the output and LSE; with more it writes fp32 partials that decode_combine_kernel
 // merges (SoftmaxStats again, as the merge op). Traffic: the visible K and V once per row block.
 // Numerics: fp32 scores, softmax and accumulation; output rounded once.
+// Untrusted indices: the host does not check device-resident cache_seqlens / block_table (that
+// would synchronise), so the kernel does: a length outside [0, capacity] or a page index outside
+// [0, num_pages) among the pages a block reads makes that sequence an error state: nothing
+// outside the pool is addressed (the copy is zero-filled instead), and its output rows and LSE
+// are NaN (the combine propagates a NaN partial). Other sequences are unaffected.
 // Shared memory (DecodeTraits::kSmemBytes): 16-32 KiB, 64 KiB for fp32 with head dim 256.
 // kernel-report: dynamic-smem decode_attention_kernel 65536
 #pragma once
@@ -50,6 +55,13 @@ struct DecodeTraits {
   static constexpr int kSmemBytes = std::max(kPipelineBytes, kMergeBytes);
 };
 
+// One lane's kPerLane consecutive elements of a shared-memory row, read as one vector access
+// (up to 16 bytes): a warp then reads its row in the fewest shared-memory wavefronts.
+template <class T, int E>
+struct alignas(E * sizeof(T) >= 16 ? 16 : E * sizeof(T)) LaneSlice {
+  T v[E];
+};
+
 template <class T, int kHeadDim>
 __global__ void __launch_bounds__(DecodeTraits<T, kHeadDim>::kThreads)
     decode_attention_kernel(const DecodeParams p) {
@@ -61,7 +73,12 @@ __global__ void __launch_bounds__(DecodeTraits<T, kHeadDim>::kThreads)
   const int row_blocks = int((R + kRows - 1) / kRows);
   const int kvh = blockIdx.y / row_blocks, row0 = (blockIdx.y % row_blocks) * kRows;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const int64_t L = p.cache_seqlens[b];
+  // An out-of-range length is an error state: read nothing (L = 0), write NaN.
+  const int64_t L_raw = p.cache_seqlens[b];
+  bool bad_index = L_raw < 0 || L_raw > p.capacity;
+  const int64_t L = bad_index ? 0 : L_raw;
+  __shared__ int block_bad_index;  // any thread of the block met a bad index (read after a barrier)
+  if (tid == 0) block_bad_index = 0;
 
   // Query rows of this block: q slice in registers, visible key range, ALiBi slope.
   float q[kRows][E];
@@ -95,10 +112,15 @@ __global__ void __launch_bounds__(DecodeTraits<T, kHeadDim>::kThreads)
     for (int c = tid; c < kBlockN * Tr::kChunksPerRow; c += Tr::kThreads) {
       const int j = c / Tr::kChunksPerRow, col = (c % Tr::kChunksPerRow) * Tr::kChunk;
       const int64_t t = t0 + j;
-      const bool valid = t < keys.hi;
-      // page offset looked up once per tile and token by this thread (not per element)
-      const int64_t koff = valid ? cache_token_offset(p.block_table, p.block_table_stride, p.page_size, p.k_stride, b, t) : 0;
-      const int64_t voff = valid ? cache_token_offset(p.block_table, p.block_table_stride, p.page_size, p.v_stride, b, t) : 0;
+      bool valid = t < keys.hi;
+      // page offset looked up once per tile and token by this thread (not per element); a bad
+      // page index reads nothing (zero fill from offset 0) and flags the block
+      int64_t koff = 0, voff = 0;
+      if (valid) {
+        valid = cache_token_offset_checked(p.block_table, p.block_table_stride, p.page_size, p.num_pages, p.k_stride, b, t, koff);
+        valid = valid && cache_token_offset_checked(p.block_table, p.block_table_stride, p.page_size, p.num_pages, p.v_stride, b, t, voff);
+        bad_index |= !valid;
+      }
       T* kdst = ksmem + (stage * kBlockN + j) * kHeadDim + col;
       T* vdst = vsmem + (stage * kBlockN + j) * kHeadDim + col;
       ptx::cp_async_16_zfill(kdst, kbase + koff + col, valid);
@@ -123,9 +145,9 @@ __global__ void __launch_bounds__(DecodeTraits<T, kHeadDim>::kThreads)
     float kv[Tr::kKeysPerWarp][E];
 #pragma unroll
     for (int jj = 0; jj < Tr::kKeysPerWarp; ++jj) {
-      const T* krow = ksmem + (stage * kBlockN + jj * Tr::kWarps + warp) * kHeadDim + lane * E;
+      const auto krow = *reinterpret_cast<const LaneSlice<T, E>*>(ksmem + (stage * kBlockN + jj * Tr::kWarps + warp) * kHeadDim + lane * E);
 #pragma unroll
-      for (int e = 0; e < E; ++e) kv[jj][e] = to_float(krow[e]);
+      for (int e = 0; e < E; ++e) kv[jj][e] = to_float(krow.v[e]);
     }
 #pragma unroll
     for (int r = 0; r < kRows; ++r) {
@@ -144,9 +166,9 @@ __global__ void __launch_bounds__(DecodeTraits<T, kHeadDim>::kThreads)
     // online softmax update per row, then P.V with this warp's keys
 #pragma unroll
     for (int jj = 0; jj < Tr::kKeysPerWarp; ++jj) {
-      const T* vrow = vsmem + (stage * kBlockN + jj * Tr::kWarps + warp) * kHeadDim + lane * E;
+      const auto vrow = *reinterpret_cast<const LaneSlice<T, E>*>(vsmem + (stage * kBlockN + jj * Tr::kWarps + warp) * kHeadDim + lane * E);
 #pragma unroll
-      for (int e = 0; e < E; ++e) kv[jj][e] = to_float(vrow[e]);
+      for (int e = 0; e < E; ++e) kv[jj][e] = to_float(vrow.v[e]);
     }
 #pragma unroll
     for (int r = 0; r < kRows; ++r) {
@@ -172,6 +194,7 @@ __global__ void __launch_bounds__(DecodeTraits<T, kHeadDim>::kThreads)
   }
   ptx::cp_async_wait_group<0>();
   __syncthreads();
+  if (bad_index) block_bad_index = 1;  // after the barrier above: thread 0's reset is done
 
   // Merge the four warps' states of each row through shared memory.
   float* mstats = reinterpret_cast<float*>(smem);                   // [warp][row][2]
@@ -183,6 +206,7 @@ __global__ void __launch_bounds__(DecodeTraits<T, kHeadDim>::kThreads)
     for (int e = 0; e < E; ++e) macc[(warp * kRows + r) * kHeadDim + lane * E + e] = acc[r][e];
   }
   __syncthreads();
+  const bool error_state = block_bad_index != 0;
   const int64_t rows_total = p.batch * p.seqlen_q * p.heads_q;
   for (int idx = tid; idx < kRows * kHeadDim; idx += Tr::kThreads) {
     const int r = idx / kHeadDim, d = idx % kHeadDim;
@@ -197,15 +221,17 @@ __global__ void __launch_bounds__(DecodeTraits<T, kHeadDim>::kThreads)
       o = o * f.self + macc[(w * kRows + r) * kHeadDim + d] * f.other;
     }
     o *= st.inv_denominator();
+    const float row_lse = error_state ? NAN : st.lse();
+    if (error_state) o = NAN;
     const int64_t s = row / G, h = kvh * G + row % G;
     const int64_t out_row = (int64_t(b) * p.seqlen_q + s) * p.heads_q + h;
     const int64_t lse_idx = (int64_t(b) * p.heads_q + h) * p.seqlen_q + s;
     if (p.num_splits == 1) {
       static_cast<T*>(p.out)[out_row * kHeadDim + d] = from_float<T>(o);
-      if (d == 0 && p.lse) p.lse[lse_idx] = st.lse();
+      if (d == 0 && p.lse) p.lse[lse_idx] = row_lse;
     } else {
       p.partial_out[(split * rows_total + out_row) * kHeadDim + d] = o;
-      if (d == 0) p.partial_lse[split * rows_total + lse_idx] = st.lse();
+      if (d == 0) p.partial_lse[split * rows_total + lse_idx] = row_lse;
     }
   }
 }
@@ -219,7 +245,12 @@ __global__ void __launch_bounds__(256) decode_combine_kernel(const DecodeParams 
     const int64_t h = row % p.heads_q, s = (row / p.heads_q) % p.seqlen_q, b = row / (p.heads_q * p.seqlen_q);
     const int64_t lse_idx = (b * p.heads_q + h) * p.seqlen_q + s;
     SoftmaxStats st;
-    for (int sp = 0; sp < p.num_splits; ++sp) st.merge_partial(p.partial_lse[sp * rows + lse_idx]);
+    bool error_state = false;  // a split met a bad index (NaN LSE): the row is NaN, not that split dropped
+    for (int sp = 0; sp < p.num_splits; ++sp) {
+      const float lse = p.partial_lse[sp * rows + lse_idx];
+      error_state |= lse != lse;
+      st.merge_partial(lse);
+    }
     const float inv_d = st.inv_denominator();
     float o = 0.f;
     for (int sp = 0; sp < p.num_splits; ++sp) {
@@ -227,8 +258,8 @@ __global__ void __launch_bounds__(256) decode_combine_kernel(const DecodeParams 
       if (lse == -INFINITY) continue;
       o += st.partial_weight(lse, inv_d) * p.partial_out[(sp * rows + row) * D + d];
     }
-    static_cast<T*>(p.out)[idx] = from_float<T>(o);
-    if (d == 0 && p.lse) p.lse[lse_idx] = st.lse();
+    static_cast<T*>(p.out)[idx] = from_float<T>(error_state ? NAN : o);
+    if (d == 0 && p.lse) p.lse[lse_idx] = error_state ? NAN : st.lse();
   }
 }
 

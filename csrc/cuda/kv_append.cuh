@@ -5,7 +5,11 @@
 // position (cache_seqlens[b] + s, read on the device) and writes the cache row found through
 // the page table. A second one-block kernel then advances cache_seqlens, after every row has
 // read its old value (kernels on one stream run in order). Memory bound; no shared memory.
-// Capacity and page indices are checked by the caller before the launch.
+// Untrusted indices: the host does not read device-resident cache_seqlens / block_table (that
+// would synchronise), so each block checks its sequence (append_in_range: length, capacity,
+// rotary table, every page the append writes): a sequence out of range writes nothing and its
+// cache_seqlens entry is not advanced; other sequences proceed. apply_rotary writes a NaN row
+// for a position outside the cos/sin table.
 #pragma once
 #include <cstdint>
 #include "core/decode_params.h"
@@ -17,6 +21,7 @@ namespace gk::GK_CUDA_NS {
 template <class T>
 __global__ void __launch_bounds__(128) append_kv_kernel(const AppendKVParams p) {
   const int64_t b = blockIdx.z, s = blockIdx.y, h = blockIdx.x;
+  if (!append_in_range(p, b)) return;  // all of the sequence's writes or none (uniform per block)
   const int64_t t = int64_t(p.cache_seqlens[b]) + s;
   const T* ksrc = static_cast<const T*>(p.k_new) + b * p.k_new_stride[0] + s * p.k_new_stride[1] + h * p.k_new_stride[2];
   const T* vsrc = static_cast<const T*>(p.v_new) + b * p.v_new_stride[0] + s * p.v_new_stride[1] + h * p.v_new_stride[2];
@@ -31,9 +36,12 @@ __global__ void __launch_bounds__(128) append_kv_kernel(const AppendKVParams p) 
   }
 }
 
+// Runs after append_kv_kernel on the stream, so every block has read the old lengths; the same
+// range check decides, so a sequence that was not written is not advanced.
 template <class T>  // T only keeps one definition per instantiation unit
-__global__ void __launch_bounds__(256) advance_seqlens_kernel(int32_t* seqlens, int64_t batch, int32_t by) {
-  for (int64_t b = threadIdx.x; b < batch; b += blockDim.x) seqlens[b] += by;
+__global__ void __launch_bounds__(256) advance_seqlens_kernel(const AppendKVParams p) {
+  for (int64_t b = threadIdx.x; b < p.batch; b += blockDim.x)
+    if (append_in_range(p, b)) p.cache_seqlens[b] += int32_t(p.seqlen_new);
 }
 
 template <class T>
@@ -43,6 +51,10 @@ __global__ void __launch_bounds__(128) apply_rotary_kernel(const RotaryParams p)
   const T* src = static_cast<const T*>(p.x) + b * p.x_stride[0] + s * p.x_stride[1] + h * p.x_stride[2];
   T* dst = static_cast<T*>(p.out) + ((b * p.seqlen + s) * p.heads + h) * p.head_dim;
   const int64_t half = p.rotary_dim / 2;
+  if (pos < 0 || pos >= p.rotary_positions) {  // outside the table: an error row, no table read
+    for (int64_t d = threadIdx.x; d < p.head_dim; d += blockDim.x) dst[d] = from_float<T>(NAN);
+    return;
+  }
   for (int64_t d = threadIdx.x; d < p.head_dim; d += blockDim.x)
     dst[d] = d < p.rotary_dim ? from_float<T>(rotary_element(src, d, p.rotary_dim, p.interleaved, p.cos + pos * half, p.sin + pos * half))
                               : src[d];
@@ -59,7 +71,7 @@ int append_kv_cache(const AppendKVParams& p, void* stream) {
   }
   if (!p.advance_seqlens || p.seqlen_new == 0) return 0;
   auto advance = advance_seqlens_kernel<T>;
-  return GK_LAUNCH_KERNEL(advance, dim3(1), dim3(256), 0, stream, p.cache_seqlens, p.batch, int32_t(p.seqlen_new));
+  return GK_LAUNCH_KERNEL(advance, dim3(1), dim3(256), 0, stream, p);
 }
 
 template <class T>

@@ -53,14 +53,36 @@ def decode_attention(
 
     Returns:
         ``out`` ``(batch, seqlen_q, heads_q, head_dim)`` in q's dtype, or ``(out, lse)``.
+
+    Values of ``cache_seqlens`` and of the used ``block_table`` entries are checked on the CPU
+    (ValueError naming the entry). On CUDA the host does not read them (that would synchronise
+    every call); the kernel guards instead: a sequence whose length is outside
+    ``[0, capacity]`` or whose pages read include an index outside ``[0, num_pages)`` never
+    reads outside the cache, and its output rows and LSE are NaN (an error state, distinct from
+    the 0 / ``-inf`` of an empty sequence). Other sequences are unaffected.
+    CUDA kernels exist for head dims in ``tools.instantiations.DECODE_HEAD_DIMS``.
     """
     window_left, window_right = _check_window(window)
     scale = _resolve_scale(softmax_scale, q)
-    out, lse = torch.ops.genkernels.decode_attention(
+    # Decode runs once per layer per token: in plain eager mode skip the dispatcher (~3 us of a
+    # ~15 us call); anything that must see the op (torch.compile, fake tensors, dispatch modes,
+    # tensor subclasses) goes through torch.ops.genkernels.decode_attention as registered.
+    op = decode_impl if _plain_eager(q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes) \
+        else torch.ops.genkernels.decode_attention  # fmt: skip
+    out, lse = op(
         q, k_cache, v_cache, cache_seqlens, block_table, causal, window_left, window_right, scale,
         float(softcap), alibi_slopes, int(num_splits),
     )  # fmt: skip
     return (out, lse) if return_lse else out
+
+
+def _plain_eager(*tensors) -> bool:
+    """Whether the op implementation may run directly: eager mode (not tracing for
+    torch.compile), no torch dispatch or function mode active (FakeTensorMode, make_fx,
+    FlopCounterMode, ...), and every tensor argument a plain ``torch.Tensor`` (None allowed)."""
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled():
+        return False
+    return all(t is None or type(t) is torch.Tensor for t in tensors)
 
 
 # ------------------------------------------------------------------ validation
@@ -148,8 +170,9 @@ def _validate(q, k_cache, v_cache, cache_seqlens, block_table, window_left, wind
             raise ValueError(f"alibi_slopes must have shape ({heads_q},) or ({batch}, {heads_q}), got {tuple(alibi_slopes.shape)}")
     if not isinstance(num_splits, int) or not 0 <= num_splits <= 1024:
         raise ValueError(f"num_splits must be an int in [0, 1024] (0: automatic), got {num_splits!r}")
-    dev = q.device
-    if any(t is not None and t.device != dev for t in (k_cache, v_cache, cache_seqlens, block_table, alibi_slopes)):
+    dev, on_cuda = q.get_device(), q.is_cuda  # ints and bools: cheaper than torch.device objects
+    if any(t is not None and (t.get_device() != dev or t.is_cuda != on_cuda)
+           for t in (k_cache, v_cache, cache_seqlens, block_table, alibi_slopes)):  # fmt: skip
         check_same_device(q=q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=cache_seqlens, block_table=block_table,
                           alibi_slopes=alibi_slopes)  # fmt: skip  (raises, naming the tensor)
     return batch, seqlen_q, heads_q, heads_kv, head_dim, capacity, page_size, num_pages
@@ -170,7 +193,7 @@ def decode_impl(q, k_cache, v_cache, cache_seqlens, block_table, causal, window_
     batch, seqlen_q, heads_q, heads_kv, head_dim, capacity, page_size, num_pages = _validate(
         q, k_cache, v_cache, cache_seqlens, block_table, window_left, window_right, softcap, alibi_slopes, num_splits
     )
-    out = torch.empty((batch, seqlen_q, heads_q, head_dim), dtype=q.dtype, device=q.device)
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)  # q's shape and dtype; cheaper than torch.empty
     lse = torch.empty((batch, heads_q, seqlen_q), dtype=torch.float32, device=q.device)
     dev = _native.device_code(q)
     partial_out = partial_lse = None
@@ -182,14 +205,18 @@ def decode_impl(q, k_cache, v_cache, cache_seqlens, block_table, causal, window_
             partial_out = torch.empty((num_splits, batch, seqlen_q, heads_q, head_dim), dtype=torch.float32, device=q.device)
             partial_lse = torch.empty((num_splits, batch, heads_q, seqlen_q), dtype=torch.float32, device=q.device)
     qs, ks, vs = q.stride(), k_cache.stride(), v_cache.stride()
-    alibi_bstride = 0 if alibi_slopes is None or alibi_slopes.dim() == 1 else alibi_slopes.stride(0)
+    # (optional pointers inlined rather than through _native.ptr: this runs once per layer per token)
+    bt_ptr, bt_stride = (0, 0) if block_table is None else (block_table.data_ptr(), block_table.stride(0))
+    alibi_ptr, alibi_bstride = (0, 0) if alibi_slopes is None else (
+        alibi_slopes.data_ptr(), 0 if alibi_slopes.dim() == 1 else alibi_slopes.stride(0))  # fmt: skip
+    po_ptr, pl_ptr = (0, 0) if partial_out is None else (partial_out.data_ptr(), partial_lse.data_ptr())
     _native._C.decode_attention(
         dev, _native.DTYPE_CODE[q.dtype], q.data_ptr(), qs[0], qs[1], qs[2],
         k_cache.data_ptr(), v_cache.data_ptr(), ks[0], ks[1], ks[2], vs[0], vs[1], vs[2],
-        _native.ptr(block_table), 0 if block_table is None else block_table.stride(0), page_size, capacity, num_pages,
-        cache_seqlens.data_ptr(), _native.ptr(alibi_slopes), alibi_bstride, out.data_ptr(), lse.data_ptr(),
-        _native.ptr(partial_out), _native.ptr(partial_lse), batch, seqlen_q, heads_q, heads_kv, head_dim, num_splits,
-        softmax_scale, softcap, causal, window_left, window_right, _native.stream_of(q), _native.num_threads(),
+        bt_ptr, bt_stride, page_size, capacity, num_pages, cache_seqlens.data_ptr(), alibi_ptr, alibi_bstride,
+        out.data_ptr(), lse.data_ptr(), po_ptr, pl_ptr, batch, seqlen_q, heads_q, heads_kv, head_dim, num_splits,
+        softmax_scale, softcap, causal, window_left, window_right, _native.stream_of(q) if dev != _native.DEVICE_CPU else 0,
+        _native.num_threads(),
     )  # fmt: skip
     return out, lse
 

@@ -31,9 +31,14 @@ def append_kv_cache(
     """Writes ``k_new``/``v_new`` ``(batch, seqlen_new, heads_kv, head_dim)`` at tokens
     ``cache_seqlens[b] ... + seqlen_new - 1`` of each sequence, rotating the keys at those
     positions when ``rotary_cos``/``rotary_sin`` are given, and adds ``seqlen_new`` to
-    ``cache_seqlens`` in place. Caches as in :func:`genkernels.decode_attention`. Raises before
-    writing anything if a sequence would exceed the cache capacity or a needed page index is
-    out of range. (On CUDA the capacity check reads ``cache_seqlens``: one synchronisation.)"""
+    ``cache_seqlens`` in place. Caches as in :func:`genkernels.decode_attention`.
+
+    On the CPU, raises ``ValueError`` before writing anything if a sequence would exceed the
+    cache capacity (or the rotary table) or a page index it writes is outside the pool. On CUDA
+    these values live on the device and are not read by the host (that would synchronise every
+    call): the kernel checks each sequence instead, and a sequence out of range is skipped whole:
+    nothing of it is written and its ``cache_seqlens`` entry is not advanced (compare
+    ``cache_seqlens`` with the expected lengths to detect it). Other sequences are appended."""
     torch.ops.genkernels.append_kv_cache(
         k_new, v_new, k_cache, v_cache, cache_seqlens, block_table, rotary_cos, rotary_sin, bool(rotary_interleaved)
     )
@@ -45,7 +50,8 @@ def apply_rotary(
     """Rotary embedding of ``x`` ``(batch, seqlen, heads, head_dim)`` (e.g. the queries of a
     decode step) at ``positions``: int ``(batch, seqlen)``, or ``(batch,)`` start positions
     (token ``s`` at ``positions[b] + s``, e.g. ``cache_seqlens`` before the append). Returns a
-    new contiguous tensor."""
+    new contiguous tensor. Positions outside ``[0, cos.shape[0])`` raise ``ValueError`` on the
+    CPU; on CUDA (not checked on the host, that would synchronise) their rows come out NaN."""
     return torch.ops.genkernels.apply_rotary(x, cos, sin, positions, bool(interleaved))
 
 
@@ -89,18 +95,8 @@ def append_impl(k_new, v_new, k_cache, v_cache, cache_seqlens, block_table, rota
     if rotary_cos is not None:
         cos, sin = _check_rotary_tables(rotary_cos, rotary_sin, head_dim, k_cache.device)
         rotary_dim, rotary_positions = 2 * cos.shape[1], cos.shape[0]
-    if k_cache.device.type == "cuda" and batch:
-        # the native checks read host memory; on a GPU check here (one synchronisation)
-        end = int(cache_seqlens.max()) + seqlen_new
-        if int(cache_seqlens.min()) < 0 or end > capacity:
-            raise ValueError(f"cache_seqlens + {seqlen_new} new tokens exceeds the cache capacity of {capacity} tokens")
-        if rotary_dim and end > rotary_positions:
-            raise ValueError(f"rotary_cos/rotary_sin have {rotary_positions} positions but {end} are needed")
-        if block_table is not None:
-            used = torch.arange(block_table.shape[1], device=block_table.device)[None] * page_size < (cache_seqlens[:, None] + seqlen_new)
-            bad = used & ((block_table < 0) | (block_table >= num_pages))
-            if bool(bad.any()):
-                raise ValueError(f"block_table has page indices outside [0, {num_pages}) among the pages in use")
+    # Index values (cache_seqlens, block_table) are checked by the native code on host memory;
+    # on CUDA by the kernel, per sequence (see append_kv_cache): no synchronisation here.
     ks, vs, kns, vns = k_cache.stride(), v_cache.stride(), k_new.stride(), v_new.stride()
     _native._C.append_kv_cache(
         _native.device_code(k_cache), _native.DTYPE_CODE[k_cache.dtype], k_new.data_ptr(), v_new.data_ptr(),
@@ -132,9 +128,6 @@ def rotary_impl(x, cos, sin, positions, interleaved):
     cos, sin = _check_rotary_tables(cos, sin, head_dim, x.device)
     pos = _positions_2d(positions, batch, seqlen)
     check_same_device(x=x, positions=pos)
-    if x.device.type == "cuda" and pos.numel():
-        if int(pos.min()) < 0 or int(pos.max()) >= cos.shape[0]:
-            raise ValueError(f"positions must lie in [0, {cos.shape[0]}) (rows of cos/sin)")
     out = torch.empty((batch, seqlen, heads, head_dim), dtype=x.dtype, device=x.device)
     xs = x.stride()
     _native._C.apply_rotary(

@@ -1,14 +1,19 @@
 // CPU kernel: KV-cache decode attention (contiguous or paged cache, GQA-packed, split-KV).
 //
-// Work item: one (batch, kv head, split). Its rows are all seqlen_q x group query heads that
-// share the kv head, so each cache element is read from memory once per call (GQA packing).
-// Keys stream in tiles of kTile: the tile's row pointers are looked up once (page table hoisted
-// out of every inner loop), fp16/bf16 rows are converted once into an fp32 tile in L1, then
-// scores (SIMD dot products, 4 keys per pass), the online softmax of csrc/core (SoftmaxStats,
-// vector exp) and the P.V accumulation (fp32, register blocks of 4 vectors) reuse that tile.
-// Traffic: the visible part of K and V once, q and out once. Split-KV writes fp32 partials
-// (normalised output + log-sum-exp) that a second pass combines with SoftmaxStats, exactly as
-// the merge op does. OpenMP over the work items; compiled once per ISA level.
+// Work item: one (batch, split): a range of tokens of one sequence across ALL kv heads. In the
+// (.., token, heads_kv, head_dim) layout a token's K (or V) for every head is one contiguous
+// run (2 KiB for 8 x 128 bf16), so an item streams whole contiguous blocks of the cache (a page
+// or 16 tokens at a time) instead of 256-byte runs 2 KiB apart, which is what lets one core
+// approach DRAM bandwidth. For each kv head the rows are all seqlen_q x group query heads that
+// share it, so each cache element is read from memory once per call (GQA packing).
+// Keys stream in tiles of kTile tokens: the tile's token offsets are looked up once (page table
+// hoisted out of every inner loop) and shared by every head; fp16/bf16 rows are converted once
+// into an fp32 tile in L1 (generic path), then scores (SIMD dot products), the online softmax of
+// csrc/core (SoftmaxStats, vector exp) and the P.V accumulation (fp32) reuse that tile.
+// Traffic: the visible part of K and V once, q and out once. Split-KV (batch smaller than the
+// thread count, or not a multiple of it) writes fp32 partials (normalised output + log-sum-exp)
+// that a second pass combines with SoftmaxStats, exactly as the merge op does. OpenMP over the
+// work items; compiled once per ISA level.
 #include <algorithm>
 #include <cmath>
 #include <type_traits>
@@ -84,10 +89,12 @@ struct Scratch {
   std::vector<bf16_t> qb;  // bf16 query rows (AVX-512 path)
   std::vector<SoftmaxStats> stats;
   std::vector<int64_t> lo, hi;
+  std::vector<int64_t> koff, voff;  // the tile's token offsets (head 0), current and next tile
   // Sizes the buffers for `rows` query rows of `dp` padded dims; keeps their memory across calls.
   void reserve(int64_t rows, int64_t dp) {
     q.resize(rows * dp), acc.resize(rows * dp), scores.resize(rows * kTile), kbuf.resize(kTile * dp);
     vbuf.resize(kTile * dp), qb.resize(rows * dp), stats.resize(rows), lo.resize(rows), hi.resize(rows);
+    koff.resize(2 * kTile), voff.resize(2 * kTile);
   }
 };
 
@@ -133,96 +140,116 @@ inline void accumulate_pv(float* acc, const float* p, const float* const* v, int
   }
 }
 
+template <class T>
+void finish_rows(const DecodeParams& p, Scratch& sc, int64_t b, int split, int64_t dp);
+
+// Query rows of sequence b for every kv head (row kvh * R + r, r = s * group + g): q in fp32 (or
+// bf16 for the AVX-512 bf16 path), zeroed accumulators, fresh softmax states, visible ranges.
+template <class T>
+void init_rows(const DecodeParams& p, Scratch& sc, int64_t b, KeyRange split_keys, int64_t dp, bool bf16_q) {
+  const int64_t D = p.head_dim, G = p.group(), R = p.seqlen_q * G, L = p.cache_seqlens[b];
+  for (int64_t rr = 0; rr < p.heads_kv * R; ++rr) {
+    const int64_t kvh = rr / R, r = rr % R, s = r / G, h = kvh * G + r % G;
+    const T* qrow = static_cast<const T*>(p.q) + b * p.q_stride[0] + s * p.q_stride[1] + h * p.q_stride[2];
+    if (bf16_q) {
+      if constexpr (std::is_same_v<T, bf16_t>) std::copy(qrow, qrow + D, sc.qb.data() + rr * dp);
+    } else {
+      load_row_f32(qrow, sc.q.data() + rr * dp, D, dp);
+    }
+    std::fill_n(sc.acc.data() + rr * dp, dp, 0.f);
+    sc.stats[rr] = SoftmaxStats{};
+    const KeyRange kr = visible_keys(p, s, L);
+    sc.lo[rr] = std::max(kr.lo, split_keys.lo), sc.hi[rr] = std::min(kr.hi, split_keys.hi);
+  }
+}
+
+// Offsets (elements, head 0) of the tile's tokens in K and V; padding entries repeat token 0.
+inline void lookup_tile(const DecodeParams& p, int64_t b, int64_t t0, int nk, int64_t* koff, int64_t* voff) {
+  for (int j = 0; j < nk; ++j) {
+    koff[j] = cache_token_offset(p.block_table, p.block_table_stride, p.page_size, p.k_stride, b, t0 + j);
+    voff[j] = cache_token_offset(p.block_table, p.block_table_stride, p.page_size, p.v_stride, b, t0 + j);
+  }
+  for (int j = nk; j < kTile; ++j) koff[j] = koff[0], voff[j] = voff[0];  // masked padding
+}
+
 #include "cpu/decode_attention_avx512.h"
 
 template <class T>
-void finish_rows(const DecodeParams& p, Scratch& sc, int64_t b, int64_t kvh, int split, int64_t dp);
-
-template <class T>
-void decode_work_item(const DecodeParams& p, Scratch& sc, int64_t b, int64_t kvh, int split) {
+void decode_work_item(const DecodeParams& p, Scratch& sc, int64_t b, int split) {
   const int64_t D = p.head_dim, dp = (D + W - 1) / W * W, G = p.group(), Sq = p.seqlen_q, R = Sq * G;
   const int64_t L = p.cache_seqlens[b];
   const KeyRange split_keys = split_range(visible_keys_all_queries(p, L), split, p.num_splits,
                                           p.paged() ? std::max<int64_t>(p.page_size, kTile) : kTile);
 #if defined(GK_SIMD_AVX512)
   if (D % 64 == 0) {
-    decode_work_item_avx512<T>(p, sc, b, kvh, split_keys);
-    finish_rows<T>(p, sc, b, kvh, split, dp);
+    init_rows<T>(p, sc, b, split_keys, dp, std::is_same_v<T, bf16_t>);
+    decode_work_item_avx512<T>(p, sc, b, split_keys);
+    finish_rows<T>(p, sc, b, split, dp);
     return;
   }
 #endif
+  init_rows<T>(p, sc, b, split_keys, dp, false);
   // fp32 caches with whole vectors are read in place; others go through the fp32 tile buffers
   constexpr bool kDirect = std::is_same_v<T, float>;
   const bool direct = kDirect && D % W == 0;
-
-  for (int64_t r = 0; r < R; ++r) {
-    const int64_t s = r / G, h = kvh * G + r % G;
-    const T* qrow = static_cast<const T*>(p.q) + b * p.q_stride[0] + s * p.q_stride[1] + h * p.q_stride[2];
-    load_row_f32(qrow, sc.q.data() + r * dp, D, dp);
-    std::fill_n(sc.acc.data() + r * dp, dp, 0.f);
-    sc.stats[r] = SoftmaxStats{};
-    const KeyRange kr = visible_keys(p, s, L);
-    sc.lo[r] = std::max(kr.lo, split_keys.lo), sc.hi[r] = std::min(kr.hi, split_keys.hi);
-  }
-  const T* kbase = static_cast<const T*>(p.k) + kvh * p.k_stride[2];
-  const T* vbase = static_cast<const T*>(p.v) + kvh * p.v_stride[2];
+  int64_t* koff = sc.koff.data();
+  int64_t* voff = sc.voff.data();
   const float* kptr[kTile];
   const float* vptr[kTile];
 
   for (int64_t t0 = split_keys.lo; t0 < split_keys.hi; t0 += kTile) {
     const int nk = int(std::min<int64_t>(kTile, split_keys.hi - t0));
-    // hoisted page lookups: one per key per tile, shared by every row and every element
-    for (int j = 0; j < nk; ++j) {
-      const int64_t t = t0 + j;
-      const T* krow = kbase + cache_token_offset(p.block_table, p.block_table_stride, p.page_size, p.k_stride, b, t);
-      const T* vrow = vbase + cache_token_offset(p.block_table, p.block_table_stride, p.page_size, p.v_stride, b, t);
-      if (direct) {
-        kptr[j] = reinterpret_cast<const float*>(krow), vptr[j] = reinterpret_cast<const float*>(vrow);
-      } else {
-        load_row_f32(krow, sc.kbuf.data() + j * dp, D, dp), load_row_f32(vrow, sc.vbuf.data() + j * dp, D, dp);
-        kptr[j] = sc.kbuf.data() + j * dp, vptr[j] = sc.vbuf.data() + j * dp;
-      }
-    }
-    for (int j = nk; j < kTile; ++j) kptr[j] = kptr[0], vptr[j] = vptr[0];  // padding keys, masked below
-
-    for (int64_t r = 0; r < R; ++r) {
-      const int64_t lo = sc.lo[r], hi = sc.hi[r];
-      if (hi <= t0 || lo >= t0 + nk) continue;  // no visible key of this row in the tile
-      float* srow = sc.scores.data() + r * kTile;
-      const float* qrow = sc.q.data() + r * dp;
-      for (int j = 0; j < kTile; j += 4) dot4(qrow, kptr + j, dp, srow + j);
-      const int64_t s = r / G, h = kvh * G + r % G;
-      const float slope = p.alibi_slopes ? p.alibi_slopes[b * p.alibi_batch_stride + h] : 0.f;
-      const int64_t pos = s + L - Sq;
+    lookup_tile(p, b, t0, nk, koff, voff);  // hoisted: one lookup per token, shared by every head
+    for (int64_t kvh = 0; kvh < p.heads_kv; ++kvh) {
+      const T* kbase = static_cast<const T*>(p.k) + kvh * p.k_stride[2];
+      const T* vbase = static_cast<const T*>(p.v) + kvh * p.v_stride[2];
       for (int j = 0; j < kTile; ++j) {
-        const int64_t t = t0 + j;
-        srow[j] = (t >= lo && t < hi && j < nk) ? decode_score(srow[j], p.scale, p.softcap, slope, pos - t) : -INFINITY;
+        if (direct) {
+          kptr[j] = reinterpret_cast<const float*>(kbase + koff[j]), vptr[j] = reinterpret_cast<const float*>(vbase + voff[j]);
+        } else {
+          if (j < nk) load_row_f32(kbase + koff[j], sc.kbuf.data() + j * dp, D, dp), load_row_f32(vbase + voff[j], sc.vbuf.data() + j * dp, D, dp);
+          kptr[j] = sc.kbuf.data() + (j < nk ? j : 0) * dp, vptr[j] = sc.vbuf.data() + (j < nk ? j : 0) * dp;
+        }
       }
-      const float m_tile = max_tile(srow);
-      if (m_tile == -INFINITY) continue;  // every score -inf: the tile adds nothing to this row
-      for (int j = 0; j < kTile; ++j) srow[j] -= m_tile;
-      exp_tile(srow);
-      const MergeFactors f = sc.stats[r].merge(m_tile, sum_tile(srow));
-      float* acc = sc.acc.data() + r * dp;
-      if (f.self != 1.f)
-        for (int64_t d = 0; d < dp; d += W) (VecF::load(acc + d) * VecF::set1(f.self)).store(acc + d);
-      if (f.other != 1.f)
-        for (int j = 0; j < kTile; ++j) srow[j] *= f.other;
-      accumulate_pv(acc, srow, vptr, nk, dp);
+      for (int64_t r = 0; r < R; ++r) {
+        const int64_t rr = kvh * R + r, lo = sc.lo[rr], hi = sc.hi[rr];
+        if (hi <= t0 || lo >= t0 + nk) continue;  // no visible key of this row in the tile
+        float* srow = sc.scores.data() + rr * kTile;
+        const float* qrow = sc.q.data() + rr * dp;
+        for (int j = 0; j < kTile; j += 4) dot4(qrow, kptr + j, dp, srow + j);
+        const int64_t s = r / G, h = kvh * G + r % G;
+        const float slope = p.alibi_slopes ? p.alibi_slopes[b * p.alibi_batch_stride + h] : 0.f;
+        const int64_t pos = s + L - Sq;
+        for (int j = 0; j < kTile; ++j) {
+          const int64_t t = t0 + j;
+          srow[j] = (t >= lo && t < hi && j < nk) ? decode_score(srow[j], p.scale, p.softcap, slope, pos - t) : -INFINITY;
+        }
+        const float m_tile = max_tile(srow);
+        if (m_tile == -INFINITY) continue;  // every score -inf: the tile adds nothing to this row
+        for (int j = 0; j < kTile; ++j) srow[j] -= m_tile;
+        exp_tile(srow);
+        const MergeFactors f = sc.stats[rr].merge(m_tile, sum_tile(srow));
+        float* acc = sc.acc.data() + rr * dp;
+        if (f.self != 1.f)
+          for (int64_t d = 0; d < dp; d += W) (VecF::load(acc + d) * VecF::set1(f.self)).store(acc + d);
+        if (f.other != 1.f)
+          for (int j = 0; j < kTile; ++j) srow[j] *= f.other;
+        accumulate_pv(acc, srow, vptr, nk, dp);
+      }
     }
   }
 
-  finish_rows<T>(p, sc, b, kvh, split, dp);
+  finish_rows<T>(p, sc, b, split, dp);
 }
 
 // Finish a work item: normalise and write the output, or the fp32 partial of this split.
 template <class T>
-void finish_rows(const DecodeParams& p, Scratch& sc, int64_t b, int64_t kvh, int split, int64_t dp) {
+void finish_rows(const DecodeParams& p, Scratch& sc, int64_t b, int split, int64_t dp) {
   const int64_t D = p.head_dim, G = p.group(), Sq = p.seqlen_q, R = Sq * G;
-  for (int64_t r = 0; r < R; ++r) {
-    const int64_t s = r / G, h = kvh * G + r % G;
-    const float inv = sc.stats[r].inv_denominator(), lse = sc.stats[r].lse();
-    float* acc = sc.acc.data() + r * dp;
+  for (int64_t rr = 0; rr < p.heads_kv * R; ++rr) {
+    const int64_t kvh = rr / R, r = rr % R, s = r / G, h = kvh * G + r % G;
+    const float inv = sc.stats[rr].inv_denominator(), lse = sc.stats[rr].lse();
+    float* acc = sc.acc.data() + rr * dp;
     const int64_t row = (b * Sq + s) * p.heads_q + h;          // (batch, seqlen_q, heads_q)
     const int64_t lse_idx = (b * p.heads_q + h) * Sq + s;     // (batch, heads_q, seqlen_q)
     if (p.num_splits == 1) {
@@ -272,12 +299,12 @@ void combine_row(const DecodeParams& p, int64_t row, int64_t lse_idx) {
 
 }  // namespace
 
-// Splits per (batch, kv head) when the caller passes 0: none when the work items already share
-// out evenly over the threads, otherwise about four items per thread, at least kMinSplitKeys
-// keys per split (below that the partial traffic and the combine cost more than they balance).
+// Splits per sequence when the caller passes 0: none when the sequences already share out
+// evenly over the threads, otherwise about four items per thread, at least kMinSplitKeys keys
+// per split (below that the partial traffic and the combine cost more than they balance).
 int choose_num_splits(const DecodeParams& p, int num_threads) {
-  constexpr int64_t kMinSplitKeys = 512;
-  const int64_t items = p.batch * p.heads_kv;
+  constexpr int64_t kMinSplitKeys = 256;
+  const int64_t items = p.batch;
   if (items >= num_threads && items % num_threads == 0) return 1;
   int64_t max_len = 0;
   for (int64_t b = 0; b < p.batch; ++b) max_len = std::max<int64_t>(max_len, p.cache_seqlens[b]);
@@ -298,29 +325,33 @@ void decode_attention(const DecodeParams& params, int num_threads) {
     partial_lse.resize(size_t(p.num_splits * rows));
     p.partial_out = partial_out.data(), p.partial_lse = partial_lse.data();
   }
-  const int64_t items = p.batch * p.heads_kv * p.num_splits;
-  const int64_t rows = p.seqlen_q * p.group(), dp = (p.head_dim + W - 1) / W * W;
+  const int64_t items = p.batch * p.num_splits;
+  const int64_t rows = p.heads_kv * p.seqlen_q * p.group(), dp = (p.head_dim + W - 1) / W * W;
   // Small problems (short caches) stay on the calling thread: waking the team costs more.
   int64_t keys = 0;
   for (int64_t b = 0; b < p.batch; ++b) keys += p.cache_seqlens[b];
-  const bool small = keys * rows * p.heads_kv * p.head_dim < (int64_t(1) << 16);
+  const bool small = keys * rows * p.head_dim < (int64_t(1) << 16);
   const int threads = small ? 1 : int(std::max<int64_t>(1, std::min<int64_t>(num_threads, items)));
-#pragma omp parallel num_threads(threads) if (threads > 1)
+  const int64_t out_rows = p.batch * p.seqlen_q * p.heads_q;
+  auto combine = [&](int64_t row) {
+    const int64_t h = row % p.heads_q, s = (row / p.heads_q) % p.seqlen_q, b = row / (p.heads_q * p.seqlen_q);
+    combine_row<T>(p, row, (b * p.heads_q + h) * p.seqlen_q + s);
+  };
+  if (threads == 1) {  // no OpenMP region at all: entering one costs about a microsecond
+    Scratch& sc = thread_scratch(rows, dp);
+    for (int64_t i = 0; i < items; ++i) decode_work_item<T>(p, sc, i / p.num_splits, int(i % p.num_splits));
+    if (p.num_splits > 1)
+      for (int64_t row = 0; row < out_rows; ++row) combine(row);
+    return;
+  }
+#pragma omp parallel num_threads(threads)
   {
     Scratch& sc = thread_scratch(rows, dp);
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t i = 0; i < items; ++i) {
-      const int split = int(i % p.num_splits);
-      const int64_t bh = i / p.num_splits;
-      decode_work_item<T>(p, sc, bh / p.heads_kv, bh % p.heads_kv, split);
-    }
+    for (int64_t i = 0; i < items; ++i) decode_work_item<T>(p, sc, i / p.num_splits, int(i % p.num_splits));
     if (p.num_splits > 1) {
-      const int64_t out_rows = p.batch * p.seqlen_q * p.heads_q;
 #pragma omp for schedule(static)
-      for (int64_t row = 0; row < out_rows; ++row) {
-        const int64_t h = row % p.heads_q, s = (row / p.heads_q) % p.seqlen_q, b = row / (p.heads_q * p.seqlen_q);
-        combine_row<T>(p, row, (b * p.heads_q + h) * p.seqlen_q + s);
-      }
+      for (int64_t row = 0; row < out_rows; ++row) combine(row);
     }
   }
 }
