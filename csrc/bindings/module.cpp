@@ -74,6 +74,16 @@ void run_on(Device dev, const char* op, Cpu&& cpu, Cuda&& cuda_launch, Emu&& emu
   }
 }
 
+// Runs `op<T>` for the dtype code on the device: the CPU kernel at the active ISA level (with
+// the params struct and the thread count), or the CUDA / emulated launcher on the caller's
+// stream. Every entry point that fills a params struct ends with this.
+#define GK_RUN_KERNEL(op, dev, dtype, params, num_threads, stream)                       \
+  GK_DISPATCH_DTYPE(dtype, T,                                                            \
+    run_on(dev, #op,                                                                     \
+      [&] { GK_CPU_DISPATCH(op<T>, params, num_threads); },                              \
+      [&] { return GK_WITH_CUDA ? gk::cuda::op<T>(params, stream) : 0; },                \
+      [&] { return GK_WITH_EMU ? gk::cuda_emu::op<T>(params, stream) : 0; }))
+
 // ------------------------------------------------------------------ merge_attention_states
 void merge_attention_states(int device, int dtype, uintptr_t out_first, uintptr_t out_rest, uintptr_t lse_first,
                             uintptr_t lse_rest, int64_t num_partials, int64_t out_partial_stride,
@@ -107,11 +117,7 @@ void merge_attention_states(int device, int dtype, uintptr_t out_first, uintptr_
   require(p.out_first && p.lse_first && p.dst_out, "merge_attention_states: null pointer");
   require(num_partials == 1 || (p.out_rest && p.lse_rest), "merge_attention_states: null pointer for partials 1..");
   void* s = as_ptr<void>(stream);
-  GK_DISPATCH_DTYPE(dtype, T,
-    run_on(dev, "merge_attention_states",
-      [&] { GK_CPU_DISPATCH(merge_attention_states<T>, p, num_threads); },
-      [&] { return GK_WITH_CUDA ? gk::cuda::merge_attention_states<T>(p, s) : 0; },
-      [&] { return GK_WITH_EMU ? gk::cuda_emu::merge_attention_states<T>(p, s) : 0; }));
+  GK_RUN_KERNEL(merge_attention_states, dev, dtype, p, num_threads, s);
 }
 
 // ------------------------------------------------------------------ flash attention (prefill)
@@ -171,11 +177,7 @@ void flash_attention(int device, int dtype, uintptr_t q, int64_t q_sb, int64_t q
   if (seqlen_q == 0) return;
   require(p.q && p.out && ((p.k && p.v) || seqlen_k == 0 || total_k == 0), "flash_attention: null pointer");
   void* s = as_ptr<void>(stream);
-  GK_DISPATCH_DTYPE(dtype, T,
-    run_on(dev, "flash_attention",
-      [&] { GK_CPU_DISPATCH(flash_attention<T>, p, num_threads); },
-      [&] { return GK_WITH_CUDA ? gk::cuda::flash_attention<T>(p, s) : 0; },
-      [&] { return GK_WITH_EMU ? gk::cuda_emu::flash_attention<T>(p, s) : 0; }));
+  GK_RUN_KERNEL(flash_attention, dev, dtype, p, num_threads, s);
 }
 
 // ------------------------------------------------------------------ decode attention, KV append
@@ -255,11 +257,7 @@ void decode_attention(int device, int dtype, uintptr_t q, int64_t q_sb, int64_t 
   if (host_checks_indices(dev))
     check_cache_indices("decode_attention", p.cache_seqlens, batch, 0, capacity, p.block_table, bt_stride, page_size, num_pages);
   void* s = as_ptr<void>(stream);
-  GK_DISPATCH_DTYPE(dtype, T,
-    run_on(dev, "decode_attention",
-      [&] { GK_CPU_DISPATCH(decode_attention<T>, p, num_threads); },
-      [&] { return GK_WITH_CUDA ? gk::cuda::decode_attention<T>(p, s) : 0; },
-      [&] { return GK_WITH_EMU ? gk::cuda_emu::decode_attention<T>(p, s) : 0; }));
+  GK_RUN_KERNEL(decode_attention, dev, dtype, p, num_threads, s);
 }
 
 void append_kv_cache(int device, int dtype, uintptr_t k_new, uintptr_t v_new, int64_t kn_sb, int64_t kn_ss,
@@ -306,11 +304,7 @@ void append_kv_cache(int device, int dtype, uintptr_t k_new, uintptr_t v_new, in
                   std::to_string(int64_t(p.cache_seqlens[b]) + seqlen_new));
   }
   void* s = as_ptr<void>(stream);
-  GK_DISPATCH_DTYPE(dtype, T,
-    run_on(dev, "append_kv_cache",
-      [&] { GK_CPU_DISPATCH(append_kv_cache<T>, p, num_threads); },
-      [&] { return GK_WITH_CUDA ? gk::cuda::append_kv_cache<T>(p, s) : 0; },
-      [&] { return GK_WITH_EMU ? gk::cuda_emu::append_kv_cache<T>(p, s) : 0; }));
+  GK_RUN_KERNEL(append_kv_cache, dev, dtype, p, num_threads, s);
 }
 
 void apply_rotary(int device, int dtype, uintptr_t x, int64_t x_sb, int64_t x_ss, int64_t x_sh, uintptr_t out,
@@ -343,11 +337,7 @@ void apply_rotary(int device, int dtype, uintptr_t x, int64_t x_sb, int64_t x_ss
                                                         std::to_string(rotary_positions) + ")");
       }
   void* s = as_ptr<void>(stream);
-  GK_DISPATCH_DTYPE(dtype, T,
-    run_on(dev, "apply_rotary",
-      [&] { GK_CPU_DISPATCH(apply_rotary<T>, p, num_threads); },
-      [&] { return GK_WITH_CUDA ? gk::cuda::apply_rotary<T>(p, s) : 0; },
-      [&] { return GK_WITH_EMU ? gk::cuda_emu::apply_rotary<T>(p, s) : 0; }));
+  GK_RUN_KERNEL(apply_rotary, dev, dtype, p, num_threads, s);
 }
 
 // ------------------------------------------------------------------ diffusion steps, Philox noise
@@ -422,11 +412,7 @@ void diffusion_step(int device, int dtype, int64_t n, uintptr_t model_uncond, ui
   require(p.model_uncond && p.sample && p.prev_sample, "diffusion_step: null pointer");
   require(p.ch == 0.f || p.history, "diffusion_step: the update uses the history but none was given");
   void* s = as_ptr<void>(stream);
-  GK_DISPATCH_DTYPE(dtype, T,
-    run_on(dev, "diffusion_step",
-      [&] { GK_CPU_DISPATCH(diffusion_step<T>, p, num_threads); },
-      [&] { return GK_WITH_CUDA ? gk::cuda::diffusion_step<T>(p, s) : 0; },
-      [&] { return GK_WITH_EMU ? gk::cuda_emu::diffusion_step<T>(p, s) : 0; }));
+  GK_RUN_KERNEL(diffusion_step, dev, dtype, p, num_threads, s);
 }
 
 // ------------------------------------------------------------------ machine peaks (bench)
