@@ -62,3 +62,41 @@ def test_unsupported_head_dim_is_a_clear_error():
     k, v, _ = make_cache(1, 8, 1, 72, torch.float32)
     with emulate_cuda(), pytest.raises(ValueError, match="head_dim"):
         gk.decode_attention(torch.randn(1, 1, 1, 72), k, v, torch.tensor([8], dtype=torch.int32))
+
+
+# ---- tensor-core path (fp16/bf16 with seqlen_q x group >= 16 packed rows: decode_attention_mma_kernel)
+
+
+@pytest.mark.parametrize("page_size", [0, 1, 16, 64])
+@pytest.mark.parametrize("group,seqlen_q", [(8, 2), (8, 4), (4, 4), (16, 1)])
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_mma_paths(page_size, group, seqlen_q, num_splits):
+    g = torch.Generator().manual_seed(page_size * 1000 + group * 10 + seqlen_q + num_splits)
+    dtype = torch.float16 if (group + seqlen_q + num_splits) % 2 else torch.bfloat16
+    k, v, table = make_cache(4, 70, 2, 64, dtype, page_size, g)
+    ps = page_size or 16
+    lens = torch.tensor([70, ps + 1 if ps < 64 else ps - 1, 1, 0], dtype=torch.int32)
+    q = torch.randn(4, seqlen_q, 2 * group, 64, dtype=dtype, generator=g)
+    check(q, k, v, lens, table, num_splits=num_splits)
+
+
+@pytest.mark.parametrize("head_dim", DECODE_HEAD_DIMS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_mma_head_dims_and_row_blocks(head_dim, dtype):
+    # 48 packed rows: several row blocks (32 rows per block, 16 for head dim 256), a partly padded last one
+    g = torch.Generator().manual_seed(head_dim + 1)
+    k, v, table = make_cache(2, 90, 1, head_dim, dtype, 16, g)
+    q = torch.randn(2, 6, 8, head_dim, dtype=dtype, generator=g)
+    check(q, k, v, torch.tensor([90, 37], dtype=torch.int32), table, num_splits=0)
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_mma_masks_softcap_alibi(num_splits):
+    g = torch.Generator().manual_seed(11 + num_splits)
+    k, v, table = make_cache(3, 80, 2, 64, torch.bfloat16, 16, g)
+    q = (torch.randn(3, 4, 8, 64, generator=g) * 3).bfloat16()
+    lens = torch.tensor([80, 2, 33], dtype=torch.int32)
+    check(q, k, v, lens, table, window=(5, -1), softcap=4.0, alibi_slopes=torch.rand(8, generator=g), num_splits=num_splits)
+    check(q, k, v, lens, table, causal=False, window=(3, 2), num_splits=num_splits)
+    check(q, k, v, lens, table, causal=False, alibi_slopes=torch.rand(3, 8, generator=g), num_splits=num_splits)
+    check(q.half(), k.half(), v.half(), lens, table, softmax_scale=0.3, window=(17, -1), num_splits=num_splits)

@@ -216,3 +216,30 @@ print("ok")
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("bad_page", [-1, "num_pages"])
+def test_decode_bad_page_index_tensor_core_path(num_splits, bad_page):
+    # bf16 with seqlen_q x group = 2 x 8 = 16 rows: the mma kernel; same guard as the scalar one
+    g = torch.Generator().manual_seed(17)
+    dtype = torch.bfloat16
+    batch, max_pages = 3, 4
+    num_pages = batch * max_pages
+    kbig, k = guarded_pool(num_pages, dtype, g)
+    vbig, v = guarded_pool(num_pages, dtype, g)
+    table = torch.randperm(num_pages, generator=g)[: batch * max_pages].view(batch, max_pages).to(torch.int32)
+    table[1, 2] = num_pages if bad_page == "num_pages" else bad_page  # page in use by sequence 1 (length 50)
+    lens = torch.tensor([60, 50, 33], dtype=torch.int32)
+    q = torch.randn(batch, 2, 16, HEAD_DIM, generator=g).to(dtype)
+    check_decode(q, k, v, lens, table, bad={1}, num_splits=num_splits)
+
+
+@pytest.mark.parametrize("bad_len", [-5, 65])
+def test_decode_bad_length_tensor_core_path(bad_len):
+    g = torch.Generator().manual_seed(19)
+    kbig, k, _ = guarded_contiguous(3, 64, torch.float16, g)
+    vbig, v, _ = guarded_contiguous(3, 64, torch.float16, g)
+    lens = torch.tensor([64, bad_len, 5], dtype=torch.int32)
+    q = torch.randn(3, 4, 8, HEAD_DIM, generator=g).half()
+    check_decode(q, k, v, lens, None, bad={1}, num_splits=2)

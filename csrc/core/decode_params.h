@@ -89,9 +89,11 @@ GK_HOST_DEVICE GK_INLINE KeyRange split_range(KeyRange r, int split, int num_spl
   const int64_t n = r.hi - r.lo;
   int64_t chunk = (n + num_splits - 1) / num_splits;
   chunk = (chunk + align - 1) / align * align;
-  const int64_t lo = r.lo + chunk * split;
+  // lo clamped to the end first: a split past the end is empty ({r.hi, r.hi}), never a range
+  // reaching beyond the visible keys
+  const int64_t lo = r.lo + chunk * split < r.hi ? r.lo + chunk * split : r.hi;
   const int64_t hi = lo + chunk < r.hi ? lo + chunk : r.hi;
-  return {lo < r.hi ? lo : r.hi, hi > lo ? hi : lo};
+  return {lo, hi};
 }
 
 // KV append: k_new/v_new (batch, seqlen_new, heads_kv, head_dim) written at token

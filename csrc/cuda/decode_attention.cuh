@@ -18,9 +18,21 @@
 // are NaN (the combine propagates a NaN partial). Other sequences are unaffected.
 // Shared memory (DecodeTraits::kSmemBytes): 16-32 KiB, 64 KiB for fp32 with head dim 256.
 // kernel-report: dynamic-smem decode_attention_kernel 65536
+//
+// Tensor-core path (decode_attention_mma_kernel, fp16/bf16, rows = seqlen_q x group >= 16): a
+// block owns up to kBlockM = 16 x kMTiles packed query rows (padded with zero rows, masked) of
+// one kv head and one split; Q is staged once in shared memory (16-bit), K/V tiles of kBlockN
+// keys stream through a 2-stage cp.async pipeline (page offsets per tile and token, bad page =
+// zero fill + error state, as above). Warp w takes keys [16w, 16w + 16) of each tile: S = Q.K^T
+// with mma.m16n8k16 (Q and K by ldmatrix), online softmax per row in base 2 with the scale folded
+// into one FFMA (or decode_score in log2 units for softcap / ALiBi), P rounded to 16 bits as the
+// A operand of O += P.V (V by ldmatrix.trans). The warps' states merge through shared memory and
+// the output / fp32 partials are written as by the scalar kernel (same combine kernel).
+// kernel-report: dynamic-smem decode_attention_mma_kernel 78336
 #pragma once
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include "core/decode_params.h"
 #include "core/softmax_state.h"
 #include "cuda/compat.cuh"
@@ -236,6 +248,290 @@ __global__ void __launch_bounds__(DecodeTraits<T, kHeadDim>::kThreads)
   }
 }
 
+// ============================================================================ tensor-core path
+
+// Compile-time configuration of the tensor-core decode kernel for one (16-bit type, head dim).
+template <class T, int kHeadDim>
+struct DecodeMmaTraits {
+  static_assert(sizeof(T) == 2, "tensor-core path: fp16 or bf16");
+  static_assert(kHeadDim % 16 == 0, "head_dim is the k dimension of Q.K^T (k-steps of 16)");
+  // Warp w scores and accumulates keys [16w, 16w + 16) of a tile (one k-step of P.V); 2 warps
+  // for head dim 256 so that the double-buffered K/V tiles stay below 99 KB of shared memory.
+  static constexpr int kWarps = kHeadDim >= 256 ? 2 : 4;
+  static constexpr int kThreads = 32 * kWarps;
+  // M-tiles of 16 rows per block: every warp holds kMTiles x head_dim / 2 fp32 accumulators per
+  // thread (128 at most: 32 rows up to head dim 128, 16 rows for 256).
+  static constexpr int kMTiles = kHeadDim >= 256 ? 1 : 2;
+  static constexpr int kBlockM = 16 * kMTiles;
+  static constexpr int kBlockN = 16 * kWarps;
+  static constexpr int kChunk = 8;  // elements per 16-byte cp.async
+  static constexpr int kChunksPerRow = kHeadDim / kChunk;
+  // Rows padded by one 16-byte chunk: an odd number of chunks per row, so ldmatrix (8 rows of
+  // 16 bytes at the same column) is conflict-free (as in flash_attention_traits.cuh).
+  static constexpr int kLd = kHeadDim + kChunk;
+  static_assert((kLd / kChunk) % 2 == 1, "padded row stride must be an odd number of 16-byte chunks");
+  static constexpr int kStages = 2;
+  static constexpr int kQElems = kBlockM * kLd;
+  static constexpr int kTileElems = kBlockN * kLd;
+  static constexpr int kPipelineBytes = (kQElems + 2 * kStages * kTileElems) * 2;
+  // Final cross-warp merge (reuses the pipeline's memory): per warp and row m, d and the
+  // unnormalised accumulator, fp32.
+  static constexpr int kMergeBytes = kWarps * kBlockM * (kHeadDim + 2) * 4;
+  static constexpr int kSmemBytes = std::max(kPipelineBytes, kMergeBytes);
+  static_assert(kSmemBytes <= 99 * 1024, "must fit the opt-in shared memory of every sm_80+ GPU");
+  static constexpr int kOutTiles = kHeadDim / 8;
+  static constexpr int kQKSteps = kHeadDim / 16;
+};
+
+namespace decode_detail {
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+template <class T>
+GK_DEVICE GK_INLINE void mma(float (&acc)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  const uint32_t b[2] = {b0, b1};
+  if constexpr (std::is_same_v<T, bf16_t>) ptx::mma_m16n8k16_bf16(acc, a, b, acc);
+  else ptx::mma_m16n8k16_f16(acc, a, b, acc);
+}
+template <class T>
+GK_DEVICE GK_INLINE uint32_t pack(float lo, float hi) {
+  if constexpr (std::is_same_v<T, bf16_t>) return ptx::pack_float2_to_bf162(lo, hi);
+  else return ptx::pack_float2_to_half2(lo, hi);
+}
+GK_DEVICE GK_INLINE float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+GK_DEVICE GK_INLINE float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+}  // namespace decode_detail
+
+template <class T, int kHeadDim>
+__global__ void __launch_bounds__(DecodeMmaTraits<T, kHeadDim>::kThreads, 1)
+    decode_attention_mma_kernel(const DecodeParams p) {
+  using Tr = DecodeMmaTraits<T, kHeadDim>;
+  using namespace decode_detail;
+  constexpr int kM = Tr::kBlockM, kN = Tr::kBlockN, kLd = Tr::kLd, kMT = Tr::kMTiles, kRowsT = 2 * kMT;
+  GK_DYNAMIC_SMEM(unsigned char, smem);
+  T* const sQ = reinterpret_cast<T*>(smem);
+  T* const sK = sQ + Tr::kQElems;
+  T* const sV = sK + Tr::kStages * Tr::kTileElems;
+  const int split = blockIdx.x, b = blockIdx.z;
+  const int64_t G = p.group(), R = p.seqlen_q * G;
+  const int row_blocks = int((R + kM - 1) / kM);
+  const int kvh = blockIdx.y / row_blocks, row0 = (blockIdx.y % row_blocks) * kM;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
+  const int live_mt = int(((R - row0 < kM ? R - row0 : kM) + 15) / 16);  // m-tiles holding a live row
+  // An out-of-range length is an error state: read nothing (L = 0), write NaN.
+  const int64_t L_raw = p.cache_seqlens[b];
+  bool bad_index = L_raw < 0 || L_raw > p.capacity;
+  const int64_t L = bad_index ? 0 : L_raw;
+  __shared__ int block_bad_index;
+  if (tid == 0) block_bad_index = 0;
+
+  // Q rows of the block into shared memory as T, zero rows past R (read by ldmatrix every tile).
+  for (int idx = tid; idx < kM * kHeadDim; idx += Tr::kThreads) {
+    const int r = idx / kHeadDim, d = idx % kHeadDim;
+    const int64_t row = row0 + r;
+    T x = from_float<T>(0.f);
+    if (row < R) {
+      const int64_t s = row / G, h = kvh * G + row % G;
+      x = static_cast<const T*>(p.q)[b * p.q_stride[0] + s * p.q_stride[1] + h * p.q_stride[2] + d];
+    }
+    sQ[r * kLd + d] = x;
+  }
+
+  // This thread's rows (g and g + 8 of each m-tile): visible keys, position, ALiBi slope.
+  int row_lo[kRowsT], row_hi[kRowsT], row_pos[kRowsT];
+  float row_slope[kRowsT];
+#pragma unroll
+  for (int i = 0; i < kRowsT; ++i) {
+    const int64_t row = row0 + (i / 2) * 16 + g + 8 * (i % 2);
+    const bool live = row < R;
+    const int64_t s = live ? row / G : 0, h = kvh * G + (live ? row % G : 0);
+    const KeyRange kr = visible_keys(p, s, L);
+    row_lo[i] = live ? int(kr.lo) : 0, row_hi[i] = live ? int(kr.hi) : 0;
+    row_pos[i] = int(s + L - p.seqlen_q);
+    row_slope[i] = live && p.alibi_slopes ? p.alibi_slopes[b * p.alibi_batch_stride + h] : 0.f;
+  }
+  const KeyRange keys = split_range(visible_keys_all_queries(p, L), split, p.num_splits, kN);
+  const int num_tiles = int((keys.hi - keys.lo + kN - 1) / kN);
+  const int keys_hi = int(keys.hi);
+  const bool general = p.softcap > 0.f || p.alibi_slopes != nullptr || !(p.scale > 0.f);
+  const float mult = general ? 1.f : p.scale * kLog2e;
+
+  const T* kbase = static_cast<const T*>(p.k) + kvh * p.k_stride[2];
+  const T* vbase = static_cast<const T*>(p.v) + kvh * p.v_stride[2];
+  // Issues the copies of tile `tile` into stage `stage`; keys past the split are zero-filled,
+  // a bad page index reads nothing (zero fill) and flags the block.
+  auto load_tile = [&](int tile, int stage) {
+    const int64_t t0 = keys.lo + int64_t(tile) * kN;
+    for (int c = tid; c < kN * Tr::kChunksPerRow; c += Tr::kThreads) {
+      const int j = c / Tr::kChunksPerRow, col = (c % Tr::kChunksPerRow) * Tr::kChunk;
+      const int64_t tok = t0 + j;
+      bool valid = tok < keys.hi;
+      int64_t koff = 0, voff = 0;
+      if (valid) {
+        valid = cache_token_offset_checked(p.block_table, p.block_table_stride, p.page_size, p.num_pages, p.k_stride, b, tok, koff);
+        valid = valid && cache_token_offset_checked(p.block_table, p.block_table_stride, p.page_size, p.num_pages, p.v_stride, b, tok, voff);
+        bad_index |= !valid;
+      }
+      ptx::cp_async_16_zfill(sK + stage * Tr::kTileElems + j * kLd + col, kbase + koff + col, valid);
+      ptx::cp_async_16_zfill(sV + stage * Tr::kTileElems + j * kLd + col, vbase + voff + col, valid);
+    }
+  };
+
+  float acc[kMT][Tr::kOutTiles][4];
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+    for (int n = 0; n < Tr::kOutTiles; ++n) acc[mt][n][0] = acc[mt][n][1] = acc[mt][n][2] = acc[mt][n][3] = 0.f;
+  float row_max[kRowsT], row_sum[kRowsT];
+#pragma unroll
+  for (int i = 0; i < kRowsT; ++i) row_max[i] = -INFINITY, row_sum[i] = 0.f;
+
+  if (num_tiles > 0) load_tile(0, 0);
+  ptx::cp_async_commit_group();
+  for (int tile = 0; tile < num_tiles; ++tile) {
+    const int stage = tile % Tr::kStages;
+    if (tile + 1 < num_tiles) load_tile(tile + 1, (tile + 1) % Tr::kStages);
+    ptx::cp_async_commit_group();
+    ptx::cp_async_wait_group<1>();
+    __syncthreads();  // this tile (and Q) written by every thread
+    const T* const k_tile = sK + stage * Tr::kTileElems + warp * 16 * kLd;
+    const T* const v_tile = sV + stage * Tr::kTileElems + warp * 16 * kLd;
+    const int n0 = int(keys.lo) + tile * kN + warp * 16;  // this warp's first key
+
+    // ---- S = Q K^T: kMT x (16 rows x 16 keys) per warp
+    float s[kMT][2][4];
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+      for (int j = 0; j < 2; ++j) s[mt][j][0] = s[mt][j][1] = s[mt][j][2] = s[mt][j][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < Tr::kQKSteps; ++kk) {
+      // B of the two key n-tiles: matrices (keys 0-7, k 0-7), (keys 0-7, k 8-15), keys + 8.
+      uint32_t kb[4];
+      ptx::ldmatrix_x4(kb, k_tile + (lane % 8 + (lane / 16) * 8) * kLd + kk * 16 + ((lane / 8) % 2) * 8);
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt) {
+        if (mt >= live_mt) break;  // warp-uniform: an m-tile of padding rows only
+        uint32_t a[4];
+        ptx::ldmatrix_x4(a, sQ + (mt * 16 + lane % 16) * kLd + kk * 16 + (lane / 16) * 8);
+        mma<T>(s[mt][0], a, kb[0], kb[1]);
+        mma<T>(s[mt][1], a, kb[2], kb[3]);
+      }
+    }
+
+    // ---- scores (softcap / ALiBi in log2 units), per-row mask, online softmax (base 2)
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+      for (int j = 0; j < 2; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int i = mt * 2 + e / 2, col = n0 + j * 8 + 2 * t + e % 2;
+          float x = s[mt][j][e];
+          if (general) x = decode_score(x, p.scale, p.softcap, row_slope[i], int64_t(row_pos[i]) - col) * kLog2e;
+          s[mt][j][e] = (col < row_lo[i] || col >= row_hi[i] || col >= keys_hi) ? -INFINITY : x;
+        }
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int i = mt * 2 + r;
+        float mx = fmaxf(row_max[i], fmaxf(fmaxf(s[mt][0][2 * r], s[mt][0][2 * r + 1]), fmaxf(s[mt][1][2 * r], s[mt][1][2 * r + 1])));
+        mx = quad_max(mx);
+        // only masked keys so far: max -inf, subtract 0 so that no exp2(-inf - -inf) makes a NaN
+        const float shift = mx == -INFINITY ? 0.f : mx * mult;
+        const float alpha = exp2f(row_max[i] * mult - shift);
+        row_max[i] = mx;
+        float sum = 0.f;
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          s[mt][j][2 * r] = exp2f(fmaf(s[mt][j][2 * r], mult, -shift));
+          s[mt][j][2 * r + 1] = exp2f(fmaf(s[mt][j][2 * r + 1], mult, -shift));
+          sum += s[mt][j][2 * r] + s[mt][j][2 * r + 1];
+        }
+        row_sum[i] = row_sum[i] * alpha + sum;
+#pragma unroll
+        for (int n = 0; n < Tr::kOutTiles; ++n) acc[mt][n][2 * r] *= alpha, acc[mt][n][2 * r + 1] *= alpha;
+      }
+    }
+
+    // ---- O += P V: the C fragments of the two key n-tiles are the A fragment of one k-step
+    uint32_t pa[kMT][4];
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt) {
+      pa[mt][0] = pack<T>(s[mt][0][0], s[mt][0][1]), pa[mt][1] = pack<T>(s[mt][0][2], s[mt][0][3]);
+      pa[mt][2] = pack<T>(s[mt][1][0], s[mt][1][1]), pa[mt][3] = pack<T>(s[mt][1][2], s[mt][1][3]);
+    }
+#pragma unroll
+    for (int n = 0; n < Tr::kOutTiles; n += 2) {
+      // B of two d-tiles, transposed: matrices (keys 0-7, d n*8..), (keys 8-15, same d), d + 8.
+      uint32_t vb[4];
+      ptx::ldmatrix_x4_trans(vb, v_tile + (lane % 8 + ((lane / 8) % 2) * 8) * kLd + n * 8 + (lane / 16) * 8);
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt) {
+        if (mt >= live_mt) break;
+        mma<T>(acc[mt][n], pa[mt], vb[0], vb[1]);
+        mma<T>(acc[mt][n + 1], pa[mt], vb[2], vb[3]);
+      }
+    }
+    __syncthreads();  // every warp is done with this stage before the next prefetch overwrites it
+  }
+  ptx::cp_async_wait_group<0>();
+  __syncthreads();
+  if (bad_index) block_bad_index = 1;  // after the barrier above: thread 0's reset is done
+
+  // Merge the warps' states of each row through shared memory (natural-log units, as SoftmaxStats).
+  float* mstats = reinterpret_cast<float*>(smem);            // [warp][row][2]
+  float* macc = mstats + Tr::kWarps * kM * 2;                // [warp][row][kHeadDim]
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int i = mt * 2 + r, row = mt * 16 + g + 8 * r;
+      const float d = quad_sum(row_sum[i]);
+      const float m = row_max[i] == -INFINITY ? -INFINITY : row_max[i] * mult * kLn2;
+      if (t == 0) mstats[(warp * kM + row) * 2] = m, mstats[(warp * kM + row) * 2 + 1] = d;
+#pragma unroll
+      for (int n = 0; n < Tr::kOutTiles; ++n) {
+        float* dst = macc + (warp * kM + row) * kHeadDim + n * 8 + 2 * t;
+        dst[0] = acc[mt][n][2 * r], dst[1] = acc[mt][n][2 * r + 1];
+      }
+    }
+  __syncthreads();
+  const bool error_state = block_bad_index != 0;
+  const int64_t rows_total = p.batch * p.seqlen_q * p.heads_q;
+  for (int idx = tid; idx < kM * kHeadDim; idx += Tr::kThreads) {
+    const int r = idx / kHeadDim, d = idx % kHeadDim;
+    const int64_t row = row0 + r;
+    if (row >= R) break;
+    SoftmaxStats st;
+    float o = 0.f;
+    for (int w = 0; w < Tr::kWarps; ++w) {
+      const float m2 = mstats[(w * kM + r) * 2], d2 = mstats[(w * kM + r) * 2 + 1];
+      if (m2 == -INFINITY) continue;
+      const MergeFactors f = st.merge(m2, d2);
+      o = o * f.self + macc[(w * kM + r) * kHeadDim + d] * f.other;
+    }
+    o *= st.inv_denominator();
+    const float row_lse = error_state ? NAN : st.lse();
+    if (error_state) o = NAN;
+    const int64_t s = row / G, h = kvh * G + row % G;
+    const int64_t out_row = (int64_t(b) * p.seqlen_q + s) * p.heads_q + h;
+    const int64_t lse_idx = (int64_t(b) * p.heads_q + h) * p.seqlen_q + s;
+    if (p.num_splits == 1) {
+      static_cast<T*>(p.out)[out_row * kHeadDim + d] = from_float<T>(o);
+      if (d == 0 && p.lse) p.lse[lse_idx] = row_lse;
+    } else {
+      p.partial_out[(split * rows_total + out_row) * kHeadDim + d] = o;
+      if (d == 0) p.partial_lse[split * rows_total + lse_idx] = row_lse;
+    }
+  }
+}
+
 // Combines the fp32 split partials into the output: one thread per output element.
 template <class T>
 __global__ void __launch_bounds__(256) decode_combine_kernel(const DecodeParams p) {
@@ -275,13 +571,30 @@ int decode_attention_hd(const DecodeParams& p, void* stream) {
   for (int i = 0; i < 3; ++i) ok = ok && p.k_stride[i] % Tr::kChunk == 0 && p.v_stride[i] % Tr::kChunk == 0;
   if (!ok) return kInvalidValue;
   const int64_t rows = p.seqlen_q * p.group();
-  const int64_t row_blocks = (rows + Tr::kMaxRows - 1) / Tr::kMaxRows;
-  auto kernel = decode_attention_kernel<T, kHeadDim>;
-  if (Tr::kSmemBytes > 48 * 1024) {
-    if (int err = GK_SET_MAX_DYNAMIC_SMEM(kernel, Tr::kSmemBytes)) return err;
+  // Tensor-core path for 16-bit types once the packed rows fill an MMA's 16-row M dimension.
+  bool launched = false;
+  if constexpr (sizeof(T) == 2) {
+    if (rows >= 16) {
+      using Mt = DecodeMmaTraits<T, kHeadDim>;
+      const int64_t row_blocks = (rows + Mt::kBlockM - 1) / Mt::kBlockM;
+      auto kernel = decode_attention_mma_kernel<T, kHeadDim>;
+      if (Mt::kSmemBytes > 48 * 1024) {
+        if (int err = GK_SET_MAX_DYNAMIC_SMEM(kernel, Mt::kSmemBytes)) return err;
+      }
+      const dim3 grid(unsigned(p.num_splits), unsigned(p.heads_kv * row_blocks), unsigned(p.batch));
+      if (int err = GK_LAUNCH_KERNEL(kernel, grid, dim3(Mt::kThreads), Mt::kSmemBytes, stream, p)) return err;
+      launched = true;
+    }
   }
-  const dim3 grid(unsigned(p.num_splits), unsigned(p.heads_kv * row_blocks), unsigned(p.batch));
-  if (int err = GK_LAUNCH_KERNEL(kernel, grid, dim3(Tr::kThreads), Tr::kSmemBytes, stream, p)) return err;
+  if (!launched) {
+    const int64_t row_blocks = (rows + Tr::kMaxRows - 1) / Tr::kMaxRows;
+    auto kernel = decode_attention_kernel<T, kHeadDim>;
+    if (Tr::kSmemBytes > 48 * 1024) {
+      if (int err = GK_SET_MAX_DYNAMIC_SMEM(kernel, Tr::kSmemBytes)) return err;
+    }
+    const dim3 grid(unsigned(p.num_splits), unsigned(p.heads_kv * row_blocks), unsigned(p.batch));
+    if (int err = GK_LAUNCH_KERNEL(kernel, grid, dim3(Tr::kThreads), Tr::kSmemBytes, stream, p)) return err;
+  }
   if (p.num_splits == 1) return 0;
   const int64_t total = p.batch * rows * p.heads_kv * p.head_dim;
   const int64_t blocks = std::min<int64_t>((total + 255) / 256, int64_t(1) << 16);
