@@ -74,6 +74,43 @@ struct alignas(E * sizeof(T) >= 16 ? 16 : E * sizeof(T)) LaneSlice {
   T v[E];
 };
 
+// Epilogue of both decode kernels, after every warp has left its per-row state in shared memory
+// (mstats: m and d per warp and row; macc: the unnormalised accumulators): folds the warps' states
+// with SoftmaxStats and writes the block's rows of output and LSE, or the fp32 split partials.
+// A block that met an invalid page or length (error_state) writes NaN rows and NaN LSE.
+template <class T, int kHeadDim, int kWarps, int kThreads, int kBlockRows>
+__device__ __forceinline__ void write_block_rows(const DecodeParams& p, const float* mstats, const float* macc,
+                                                 int row0, int64_t R, int64_t G, int b, int kvh, int split,
+                                                 bool error_state, int tid) {
+  const int64_t rows_total = p.batch * p.seqlen_q * p.heads_q;
+  for (int idx = tid; idx < kBlockRows * kHeadDim; idx += kThreads) {
+    const int r = idx / kHeadDim, d = idx % kHeadDim;
+    const int64_t row = row0 + r;
+    if (row >= R) break;
+    SoftmaxStats st;
+    float o = 0.f;
+    for (int w = 0; w < kWarps; ++w) {
+      const float m2 = mstats[(w * kBlockRows + r) * 2], d2 = mstats[(w * kBlockRows + r) * 2 + 1];
+      if (m2 == -INFINITY) continue;
+      const MergeFactors f = st.merge(m2, d2);
+      o = o * f.self + macc[(w * kBlockRows + r) * kHeadDim + d] * f.other;
+    }
+    o *= st.inv_denominator();
+    const float row_lse = error_state ? NAN : st.lse();
+    if (error_state) o = NAN;
+    const int64_t s = row / G, h = kvh * G + row % G;
+    const int64_t out_row = (int64_t(b) * p.seqlen_q + s) * p.heads_q + h;
+    const int64_t lse_idx = (int64_t(b) * p.heads_q + h) * p.seqlen_q + s;
+    if (p.num_splits == 1) {
+      static_cast<T*>(p.out)[out_row * kHeadDim + d] = from_float<T>(o);
+      if (d == 0 && p.lse) p.lse[lse_idx] = row_lse;
+    } else {
+      p.partial_out[(split * rows_total + out_row) * kHeadDim + d] = o;
+      if (d == 0) p.partial_lse[split * rows_total + lse_idx] = row_lse;
+    }
+  }
+}
+
 template <class T, int kHeadDim>
 __global__ void __launch_bounds__(DecodeTraits<T, kHeadDim>::kThreads)
     decode_attention_kernel(const DecodeParams p) {
@@ -218,34 +255,8 @@ __global__ void __launch_bounds__(DecodeTraits<T, kHeadDim>::kThreads)
     for (int e = 0; e < E; ++e) macc[(warp * kRows + r) * kHeadDim + lane * E + e] = acc[r][e];
   }
   __syncthreads();
-  const bool error_state = block_bad_index != 0;
-  const int64_t rows_total = p.batch * p.seqlen_q * p.heads_q;
-  for (int idx = tid; idx < kRows * kHeadDim; idx += Tr::kThreads) {
-    const int r = idx / kHeadDim, d = idx % kHeadDim;
-    const int64_t row = row0 + r;
-    if (row >= R) break;
-    SoftmaxStats st;
-    float o = 0.f;
-    for (int w = 0; w < Tr::kWarps; ++w) {
-      const float m2 = mstats[(w * kRows + r) * 2], d2 = mstats[(w * kRows + r) * 2 + 1];
-      if (m2 == -INFINITY) continue;
-      const MergeFactors f = st.merge(m2, d2);
-      o = o * f.self + macc[(w * kRows + r) * kHeadDim + d] * f.other;
-    }
-    o *= st.inv_denominator();
-    const float row_lse = error_state ? NAN : st.lse();
-    if (error_state) o = NAN;
-    const int64_t s = row / G, h = kvh * G + row % G;
-    const int64_t out_row = (int64_t(b) * p.seqlen_q + s) * p.heads_q + h;
-    const int64_t lse_idx = (int64_t(b) * p.heads_q + h) * p.seqlen_q + s;
-    if (p.num_splits == 1) {
-      static_cast<T*>(p.out)[out_row * kHeadDim + d] = from_float<T>(o);
-      if (d == 0 && p.lse) p.lse[lse_idx] = row_lse;
-    } else {
-      p.partial_out[(split * rows_total + out_row) * kHeadDim + d] = o;
-      if (d == 0) p.partial_lse[split * rows_total + lse_idx] = row_lse;
-    }
-  }
+  write_block_rows<T, kHeadDim, Tr::kWarps, Tr::kThreads, kRows>(p, mstats, macc, row0, R, G, b, kvh, split,
+                                                                  block_bad_index != 0, tid);
 }
 
 // ============================================================================ tensor-core path
@@ -502,34 +513,8 @@ __global__ void __launch_bounds__(DecodeMmaTraits<T, kHeadDim>::kThreads, 1)
       }
     }
   __syncthreads();
-  const bool error_state = block_bad_index != 0;
-  const int64_t rows_total = p.batch * p.seqlen_q * p.heads_q;
-  for (int idx = tid; idx < kM * kHeadDim; idx += Tr::kThreads) {
-    const int r = idx / kHeadDim, d = idx % kHeadDim;
-    const int64_t row = row0 + r;
-    if (row >= R) break;
-    SoftmaxStats st;
-    float o = 0.f;
-    for (int w = 0; w < Tr::kWarps; ++w) {
-      const float m2 = mstats[(w * kM + r) * 2], d2 = mstats[(w * kM + r) * 2 + 1];
-      if (m2 == -INFINITY) continue;
-      const MergeFactors f = st.merge(m2, d2);
-      o = o * f.self + macc[(w * kM + r) * kHeadDim + d] * f.other;
-    }
-    o *= st.inv_denominator();
-    const float row_lse = error_state ? NAN : st.lse();
-    if (error_state) o = NAN;
-    const int64_t s = row / G, h = kvh * G + row % G;
-    const int64_t out_row = (int64_t(b) * p.seqlen_q + s) * p.heads_q + h;
-    const int64_t lse_idx = (int64_t(b) * p.heads_q + h) * p.seqlen_q + s;
-    if (p.num_splits == 1) {
-      static_cast<T*>(p.out)[out_row * kHeadDim + d] = from_float<T>(o);
-      if (d == 0 && p.lse) p.lse[lse_idx] = row_lse;
-    } else {
-      p.partial_out[(split * rows_total + out_row) * kHeadDim + d] = o;
-      if (d == 0) p.partial_lse[split * rows_total + lse_idx] = row_lse;
-    }
-  }
+  write_block_rows<T, kHeadDim, Tr::kWarps, Tr::kThreads, kM>(p, mstats, macc, row0, R, G, b, kvh, split,
+                                                               block_bad_index != 0, tid);
 }
 
 // Combines the fp32 split partials into the output: one thread per output element.
