@@ -36,6 +36,7 @@
 #include "core/decode_params.h"
 #include "core/softmax_state.h"
 #include "cuda/compat.cuh"
+#include "cuda/mma_fragments.cuh"
 #include "cuda/ptx.cuh"
 
 namespace gk::GK_CUDA_NS {
@@ -294,36 +295,12 @@ struct DecodeMmaTraits {
   static constexpr int kQKSteps = kHeadDim / 16;
 };
 
-namespace decode_detail {
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
-
-template <class T>
-GK_DEVICE GK_INLINE void mma(float (&acc)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  const uint32_t b[2] = {b0, b1};
-  if constexpr (std::is_same_v<T, bf16_t>) ptx::mma_m16n8k16_bf16(acc, a, b, acc);
-  else ptx::mma_m16n8k16_f16(acc, a, b, acc);
-}
-template <class T>
-GK_DEVICE GK_INLINE uint32_t pack(float lo, float hi) {
-  if constexpr (std::is_same_v<T, bf16_t>) return ptx::pack_float2_to_bf162(lo, hi);
-  else return ptx::pack_float2_to_half2(lo, hi);
-}
-GK_DEVICE GK_INLINE float quad_max(float x) {
-  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
-  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
-}
-GK_DEVICE GK_INLINE float quad_sum(float x) {
-  x += __shfl_xor_sync(0xffffffffu, x, 1);
-  return x + __shfl_xor_sync(0xffffffffu, x, 2);
-}
-}  // namespace decode_detail
 
 template <class T, int kHeadDim>
 __global__ void __launch_bounds__(DecodeMmaTraits<T, kHeadDim>::kThreads, 1)
     decode_attention_mma_kernel(const DecodeParams p) {
   using Tr = DecodeMmaTraits<T, kHeadDim>;
-  using namespace decode_detail;
+  using namespace mma_fragments;
   constexpr int kM = Tr::kBlockM, kN = Tr::kBlockN, kLd = Tr::kLd, kMT = Tr::kMTiles, kRowsT = 2 * kMT;
   GK_DYNAMIC_SMEM(unsigned char, smem);
   T* const sQ = reinterpret_cast<T*>(smem);
