@@ -58,8 +58,6 @@ def decode_attention(
     """Reference decode attention (see genkernels.decode_attention) computed in `dtype`.
     Returns ``(out (B, Sq, Hq, D), lse (B, Hq, Sq))``; fully masked rows give 0 and -inf."""
     B, Sq, Hq, D = q.shape
-    Hkv = k_cache.shape[2]
-    G = Hq // Hkv
     scale = D**-0.5 if softmax_scale is None else softmax_scale
     out = torch.zeros(B, Sq, Hq, D, dtype=dtype, device=q.device)
     lse = torch.full((B, Hq, Sq), float("-inf"), dtype=dtype, device=q.device)
@@ -67,32 +65,14 @@ def decode_attention(
         L = int(cache_seqlens[b])
         if L == 0:
             continue
-        k = gather_kv(k_cache, L, b, block_table).to(dtype).repeat_interleave(G, dim=1)  # (L, Hq, D)
-        v = gather_kv(v_cache, L, b, block_table).to(dtype).repeat_interleave(G, dim=1)
-        s = torch.einsum("shd,thd->hst", q[b].to(dtype), k) * scale  # (Hq, Sq, L)
-        if softcap > 0:
-            s = softcap * torch.tanh(s / softcap)
-        pos_q = torch.arange(Sq, device=q.device) + L - Sq
-        pos_k = torch.arange(L, device=q.device)
-        rel = pos_k[None, :] - pos_q[:, None]  # (Sq, L): key position minus query position
+        # a decode step is prefill attention of Sq queries over the sequence's L cached keys
+        slopes = None
         if alibi_slopes is not None:
             slopes = alibi_slopes[b] if alibi_slopes.dim() == 2 else alibi_slopes
-            s = s - slopes.to(dtype)[:, None, None] * rel.abs().to(dtype)[None]
-        left, right = window
-        if causal:
-            right = 0
-        visible = torch.ones_like(rel, dtype=torch.bool)
-        if left >= 0:
-            visible &= rel >= -left
-        if right >= 0:
-            visible &= rel <= right
-        s = s.masked_fill(~visible[None], float("-inf"))
-        row_lse = torch.logsumexp(s, dim=-1)  # -inf for fully masked rows
-        empty = row_lse == float("-inf")
-        p = torch.exp(s - torch.where(empty, torch.zeros_like(row_lse), row_lse)[..., None])
-        p = torch.where(empty[..., None], torch.zeros_like(p), p)
-        out[b] = torch.einsum("hst,thd->shd", p, v)
-        lse[b] = row_lse
+        out[b], lse[b] = _flash_one_sequence(
+            q[b], gather_kv(k_cache, L, b, block_table), gather_kv(v_cache, L, b, block_table),
+            causal=causal, window=tuple(window), scale=scale, softcap=softcap, slopes=slopes, dtype=dtype,
+        )  # fmt: skip
     return out, lse
 
 
