@@ -75,8 +75,9 @@ struct TileBuffers {
 constexpr int kPieces = 7;
 void piece_sizes(int64_t D, size_t (&sizes)[kPieces]) {
   const int64_t dp = (D + W - 1) / W * W;
-  const size_t s[kPieces] = {size_t(D * kBlockQ), size_t(kBlockK * kBlockQ), size_t(kBlockQ * dp), size_t(kBlockK * D),
-                             size_t(kBlockK * std::max<int64_t>(D, dp)), size_t(kBlockK / 2 * kBlockQ), 4 * size_t(kBlockQ)};
+  constexpr int64_t ld = kLd<kBlockQ>;
+  const size_t s[kPieces] = {size_t(D * ld), size_t(kBlockK * ld), size_t(kBlockQ * dp), size_t(kBlockK * D),
+                             size_t(kBlockK * std::max<int64_t>(D, dp)), size_t(kBlockK / 2 * ld), 4 * size_t(kBlockQ)};
   for (int i = 0; i < kPieces; ++i) sizes[i] = (s[i] + 15) / 16 * 16;  // 64-byte aligned pieces
 }
 
@@ -131,14 +132,14 @@ struct ScoreRule {
 
 // Scores of n keys for the W queries at lanes [c, c + W) of S^T, in place; returns their
 // per-lane maximum (one pass over the column for both).
-template <int BQ>
+template <int BQ, int LD>
 GK_INLINE VecF finish_scores(const ScoreRule& rule, float* st, int n, int64_t j0, const float* pos, int c) {
   const VecF scale = VecF::set1(rule.scale);
   VecF mt = VecF::set1(-INFINITY);
   if (rule.softcap <= 0.f && rule.slope == 0.f && !rule.mask) {  // the common case
     for (int j = 0; j < n; ++j) {
-      const VecF s = VecF::load(st + j * BQ + c) * scale;
-      s.store(st + j * BQ + c);
+      const VecF s = VecF::load(st + j * LD + c) * scale;
+      s.store(st + j * LD + c);
       mt = max(mt, s);
     }
     return mt;
@@ -149,7 +150,7 @@ GK_INLINE VecF finish_scores(const ScoreRule& rule, float* st, int n, int64_t j0
   const VecF slope = VecF::set1(rule.slope), ps = VecF::load(pos + c);
   for (int j = 0; j < n; ++j) {
     const float key = float(j0 + j);
-    VecF s = VecF::load(st + j * BQ + c) * scale;
+    VecF s = VecF::load(st + j * LD + c) * scale;
     if (softcap) s = cap * vtanh(s * inv_cap);
     if (alibi) s = s - slope * vabs(ps - VecF::set1(key));
     if (rule.mask) {
@@ -157,7 +158,7 @@ GK_INLINE VecF finish_scores(const ScoreRule& rule, float* st, int n, int64_t j0
       if (rule.window_left >= 0) s = select_lt(VecF::set1(key + float(rule.window_left)), ps, neg_inf, s);
       if (rule.right >= 0) s = select_lt(ps, VecF::set1(key - float(rule.right)), neg_inf, s);
     }
-    s.store(st + j * BQ + c);
+    s.store(st + j * LD + c);
     mt = max(mt, s);
   }
   return mt;
@@ -181,22 +182,23 @@ struct VecSoftmaxOps {
 template <int BQ, bool kPairs>
 void online_softmax(const ScoreRule& rule, int64_t j0, const float* pos, float* st, int n, float* m, float* l,
                     float* alpha, uint32_t* pp) {
+  constexpr int kLdS = kPairs ? kLdPairs<BQ> : kLd<BQ>;
   for (int c = 0; c < BQ; c += W) {
-    const VecF mt = finish_scores<BQ>(rule, st, n, j0, pos, c);
+    const VecF mt = finish_scores<BQ, kLdS>(rule, st, n, j0, pos, c);
     const SoftmaxRescale<VecF> r = softmax_rescale<VecSoftmaxOps>(VecF::load(m + c), mt);
     VecF sum = VecF::zero();
     if constexpr (kPairs) {
 #if defined(GK_SIMD_AVX512)
       for (int j = 0; j < n; j += 2) {
-        const VecF p0 = vexp(VecF::load(st + j * BQ + c) - r.base);
-        const VecF p1 = j + 1 < n ? vexp(VecF::load(st + (j + 1) * BQ + c) - r.base) : VecF::zero();
+        const VecF p0 = vexp(VecF::load(st + j * kLdS + c) - r.base);
+        const VecF p1 = j + 1 < n ? vexp(VecF::load(st + (j + 1) * kLdS + c) - r.base) : VecF::zero();
         sum = sum + (p0 + p1);
-        VecBF16Pairs::interleave(p0, p1).store(pp + (j / 2) * BQ + c);
+        VecBF16Pairs::interleave(p0, p1).store(pp + (j / 2) * kLdS + c);
       }
 #endif
     } else {
       for (int j = 0; j < n; ++j) {
-        float* s = st + j * BQ + c;
+        float* s = st + j * kLdS + c;
         const VecF p = vexp(VecF::load(s) - r.base);
         p.store(s);
         sum = sum + p;
@@ -239,11 +241,11 @@ void query_tile(const FlashParams& p, int64_t b, int64_t h, int64_t i0, float* s
       for (int64_t d2 = 0; d2 < D / 2; ++d2) {
         uint32_t w = 0;
         if (i < nq) std::memcpy(&w, q + i * qs + 2 * d2, 4);
-        qp[d2 * BQ + i] = w;
+        qp[d2 * kLdPairs<BQ> + i] = w;
       }
   } else {
     for (int i = 0; i < BQ; ++i)
-      for (int64_t d = 0; d < D; ++d) t.qt[d * BQ + i] = i < nq ? to_float(q[i * qs + d]) : 0.f;
+      for (int64_t d = 0; d < D; ++d) t.qt[d * kLd<BQ> + i] = i < nq ? to_float(q[i * qs + d]) : 0.f;
   }
 
   const FlashKeyRange first = flash_key_range(p, i0, sq, sk), last = flash_key_range(p, i0 + nq - 1, sq, sk);
@@ -258,8 +260,10 @@ void query_tile(const FlashParams& p, int64_t b, int64_t h, int64_t i0, float* s
     const T* vt = v + j0 * vs;
     // The next tile's K and V rows are a head-stride apart, which the hardware prefetchers
     // follow poorly: ask for them into L2 now, so that copying them next time hits.
-    if (j0 + kBlockK < hi) {
-      const int n_next = int(std::min<int64_t>(kBlockK, hi - j0 - kBlockK));
+    // (fp32 path: a few rows at a time between the micro-kernel blocks, V of this tile during
+    // S^T = K Q^T and K of the next tile during O += P V.)
+    const int n_next = j0 + kBlockK < hi ? int(std::min<int64_t>(kBlockK, hi - j0 - kBlockK)) : 0;
+    if (kUseBF16Dot<T> && n_next > 0) {
       prefetch_rows(kt + kBlockK * ks, ks, n_next, D * int64_t(sizeof(T)));
       prefetch_rows(vt + kBlockK * vs, vs, n_next, D * int64_t(sizeof(T)));
     }
@@ -278,11 +282,15 @@ void query_tile(const FlashParams& p, int64_t b, int64_t h, int64_t i0, float* s
     } else {
       // fp32 copies of the K and V tiles: converts fp16 (and bf16 below AVX-512) once per tile,
       // and puts rows that are a head-stride apart (aliasing in L1) next to each other.
+      RowPrefetcher pf;
+      const int64_t row_bytes = D * int64_t(sizeof(T));
       rows_to_float(kt, ks, n, D, t.kc);
-      qk_tile<BQ>(t.qt, t.kc, D, n, D, t.st);
+      pf.start(vt, vs * int64_t(sizeof(T)), n, row_bytes, qk_steps<BQ>(n, D));
+      qk_tile<BQ>(t.qt, t.kc, D, n, D, t.st, &pf);
       online_softmax<BQ, false>(rule, j0, t.pos, t.st, n, t.m, t.l, t.alpha, nullptr);
       rows_to_float(vt, vs, n, D, t.vc);
-      pv_tile<BQ>(t.st, n, t.vc, D, t.alpha, t.o, dp, D);
+      if (n_next > 0) pf.start(kt + kBlockK * ks, ks * int64_t(sizeof(T)), n_next, row_bytes, pv_steps<BQ>(D));
+      pv_tile<BQ>(t.st, n, t.vc, D, t.alpha, t.o, dp, D, n_next > 0 ? &pf : nullptr);
     }
   }
 

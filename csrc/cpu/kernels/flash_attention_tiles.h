@@ -11,6 +11,7 @@
 // Accumulation is fp32 everywhere.
 #pragma once
 #include <cstdint>
+#include <algorithm>
 #include <cstring>
 #include "cpu/simd.h"
 
@@ -29,6 +30,18 @@ constexpr int kBlockQ = 128;
 constexpr int kBlockQShort = 64;
 // Keys per tile: S^T is kBlockK x kBlockQ fp32 = 32 KB, next to the K tile it is built from.
 constexpr int kBlockK = 64;
+// Row stride (in floats) of Q^T, S^T / P^T and the P pairs: BQ plus one cache line. With a
+// stride of exactly BQ (512 or 256 bytes) their rows fall into 1/8 or 1/4 of the L1 sets and
+// evict each other (and the V slice, also a power of two apart) long before L1 is full.
+constexpr int kRowPad = 16;
+// Head-dim chunk of S^T = K Q^T for 128-query tiles (twice as deep for 64-query tiles): Q^T rows
+// of one chunk are 32 KB + padding. Measured: 32 deep no faster than 64.
+constexpr int kQKDepth = 64;
+template <int BQ>
+constexpr int kLd = BQ + kRowPad;
+// The bf16 path (S^T, Q and P pairs) keeps the unpadded stride: padded it measured ~3% slower.
+template <int BQ>
+constexpr int kLdPairs = BQ;
 
 // Register blocks (keys x query vectors for S^T, queries x head-dim vectors for O). AVX-512 has
 // 32 registers: 6 x 4 = 24 accumulators + 4 operands + 1 broadcast, for S^T and for O alike
@@ -43,19 +56,40 @@ static_assert(kBlockQShort % (kQKVecs * W) == 0, "query chunks of the S^T block 
 static_assert(kBlockQ % kBlockQShort == 0, "the scratch sized for kBlockQ must hold a short tile");
 static_assert(kBlockK % 2 == 0, "bf16 P / V pairs need an even key tile");
 
+// Prefetches the rows of a tile into L2 a few rows at a time, spread over the micro-kernel blocks
+// of the current tile: all at once (1024 lines at head dim 128) the prefetches stalled the core
+// on its miss buffers (up to 15% of the time in the copies and prefetch loops).
+struct RowPrefetcher {
+  const char* base = nullptr;
+  int64_t stride = 0, bytes = 0;  // in bytes
+  int rows = 0, next = 0, per_step = 0;
+  void start(const void* p, int64_t stride_bytes, int n, int64_t row_bytes, int steps) {
+    base = static_cast<const char*>(p), stride = stride_bytes, bytes = row_bytes, rows = n, next = 0;
+    per_step = steps > 0 ? (n + steps - 1) / steps : n;
+  }
+  GK_INLINE void step() {
+    for (int e = std::min(rows, next + per_step); next < e; ++next)
+      for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(base + next * stride + b, 0, 2);
+  }
+  void finish() {
+    per_step = rows;
+    step();
+  }
+};
+
 // ---------------------------------------------------------------------------------- S^T = K Q^T
-// st[r][c] (r < R keys, c < C*W queries) = sum_d k[r * k_stride + d] * qt[d * BQ + c].
-template <int BQ, int R, int C, class TK>
+// st[r][c] (r < R keys, c < C*W queries) = sum_d k[r * k_stride + d] * qt[d * kLd<BQ> + c].
+template <int BQ, int R, int C, bool kAccumulate, class TK>
 GK_INLINE void qk_block(const float* qt, const TK* k, int64_t k_stride, int64_t D, float* st) {
   VecF acc[R][C];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
-    for (int c = 0; c < C; ++c) acc[r][c] = VecF::zero();
+    for (int c = 0; c < C; ++c) acc[r][c] = kAccumulate ? VecF::load(st + r * kLd<BQ> + c * W) : VecF::zero();
   for (int64_t d = 0; d < D; ++d) {
     VecF qv[C];
 #pragma GCC unroll 8
-    for (int c = 0; c < C; ++c) qv[c] = VecF::load(qt + d * BQ + c * W);
+    for (int c = 0; c < C; ++c) qv[c] = VecF::load(qt + d * kLd<BQ> + c * W);
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       const VecF kb = VecF::set1(k[r * k_stride + d]);
@@ -66,25 +100,63 @@ GK_INLINE void qk_block(const float* qt, const TK* k, int64_t k_stride, int64_t 
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
-    for (int c = 0; c < C; ++c) acc[r][c].store(st + r * BQ + c * W);
+    for (int c = 0; c < C; ++c) acc[r][c].store(st + r * kLd<BQ> + c * W);
 }
 
-// S^T for n keys (rows of k at k_stride) against the whole query tile. Key blocks are the outer
-// loop (each block's 6 K rows stay in L1 while the Q^T chunks stream from L2). Measured on the
-// Zen 5 box: query chunks outer (Q^T chunk L1-resident) was no faster, and 12 x 2 blocks (12
-// broadcasts + 2 loads per 24 FMAs) were 15% slower than these 6 x 4 blocks (6 + 4).
-template <int BQ, class TK>
-inline void qk_tile(const float* qt, const TK* k, int64_t k_stride, int n, int64_t D, float* st) {
+// The last n < kQKRows keys in one block of n rows (a 1-row block is latency bound: 4 chains).
+template <int BQ, int R, bool kAccumulate, class TK>
+GK_INLINE void qk_rest(const float* qt, const TK* k, int64_t k_stride, int n, int64_t D, float* st) {
+  constexpr int QC = kQKVecs * W;
+  if constexpr (R > 0) {
+    if (n == R) {
+      for (int i = 0; i < BQ; i += QC) qk_block<BQ, R, kQKVecs, kAccumulate>(qt + i, k, k_stride, D, st + i);
+      return;
+    }
+    qk_rest<BQ, R - 1, kAccumulate>(qt, k, k_stride, n, D, st);
+  }
+}
+
+// S^T for n keys (rows of k at k_stride) against the whole query tile, over head-dim chunks
+// [d0, d0 + kQKDepth): S^T is accumulated chunk by chunk so that the Q^T rows of one chunk
+// (kQKDepth x BQ fp32, 32 KB at most) stay in L1 for all key blocks; without the split, Q^T
+// (64 KB at head dim 128) streamed from L2 once per 6-key block. Key blocks are the next loop
+// (each block's 6 K rows stay in L1). Measured on the Zen 5 box: 12 x 2 blocks (12 broadcasts +
+// 2 loads per 24 FMAs) were 15% slower than these 6 x 4 blocks (6 + 4).
+template <bool kAccumulate, int BQ, class TK>
+inline void qk_tile_chunk(const float* qt, const TK* k, int64_t k_stride, int n, int64_t D, float* st,
+                          RowPrefetcher* pf) {
   constexpr int R = kQKRows, QC = kQKVecs * W;
   int j = 0;
-  for (; j + R <= n; j += R)
-    for (int i = 0; i < BQ; i += QC) qk_block<BQ, R, kQKVecs>(qt + i, k + j * k_stride, k_stride, D, st + j * BQ + i);
-  for (; j < n; ++j)
-    for (int i = 0; i < BQ; i += QC) qk_block<BQ, 1, kQKVecs>(qt + i, k + j * k_stride, k_stride, D, st + j * BQ + i);
+  for (; j + R <= n; j += R) {
+    for (int i = 0; i < BQ; i += QC)
+      qk_block<BQ, R, kQKVecs, kAccumulate>(qt + i, k + j * k_stride, k_stride, D, st + j * kLd<BQ> + i);
+    if (pf) pf->step();
+  }
+  if (j < n) qk_rest<BQ, R - 1, kAccumulate>(qt, k + j * k_stride, k_stride, n - j, D, st + j * kLd<BQ>);
+}
+
+// pf (optional): prefetcher stepped once per key block, (n / kQKRows) * qk_steps(D, BQ) times.
+template <int BQ>
+constexpr int64_t qk_depth() { return kQKDepth * kBlockQ / BQ; }
+template <int BQ>
+inline int qk_steps(int n, int64_t D) { return n / kQKRows * int((D + qk_depth<BQ>() - 1) / qk_depth<BQ>()); }
+
+template <int BQ, class TK>
+inline void qk_tile(const float* qt, const TK* k, int64_t k_stride, int n, int64_t D, float* st,
+                    RowPrefetcher* pf = nullptr) {
+  constexpr int64_t kDepth = qk_depth<BQ>();
+  for (int64_t d0 = 0; d0 < D; d0 += kDepth) {
+    const int64_t dd = std::min<int64_t>(kDepth, D - d0);
+    if (d0 == 0)
+      qk_tile_chunk<false, BQ>(qt, k, k_stride, n, dd, st, pf);
+    else
+      qk_tile_chunk<true, BQ>(qt + d0 * kLd<BQ>, k + d0, k_stride, n, dd, st, pf);
+  }
+  if (pf) pf->finish();
 }
 
 // ---------------------------------------------------------------------------------- O += P V
-// o[r][0 : C*W] = o[r] * alpha[r] + sum_j pt[j * BQ + r] * v[j * v_stride + 0 : C*W] for R
+// o[r][0 : C*W] = o[r] * alpha[r] + sum_j pt[j * kLd<BQ> + r] * v[j * v_stride + 0 : C*W] for R
 // queries; `tail` > 0: the last vector has only `tail` valid head-dim lanes in v (the rest of o
 // is padding and stays finite).
 template <int BQ, int R, int C, bool kTail, class TV>
@@ -104,7 +176,7 @@ GK_INLINE void pv_block(const float* pt, int n, const TV* v, int64_t v_stride, c
       vv[c] = (kTail && c == C - 1) ? load_first(v + j * v_stride + c * W, tail) : VecF::load(v + j * v_stride + c * W);
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
-      const VecF pb = VecF::set1(pt[j * BQ + r]);
+      const VecF pb = VecF::set1(pt[j * kLd<BQ> + r]);
 #pragma GCC unroll 8
       for (int c = 0; c < C; ++c) acc[r][c] = fmadd(pb, vv[c], acc[r][c]);
     }
@@ -118,30 +190,40 @@ GK_INLINE void pv_block(const float* pt, int n, const TV* v, int64_t v_stride, c
 // All BQ query rows of one head-dim chunk [d, d + C*W): kPVRows-row blocks, then the rest.
 template <int BQ, int C, bool kTail, class TV>
 GK_INLINE void pv_rows(const float* pt, int n, const TV* v, int64_t v_stride, const float* alpha, float* o,
-                       int64_t o_stride, int tail) {
+                       int64_t o_stride, int tail, RowPrefetcher* pf = nullptr) {
   constexpr int R = kPVRows, kRest = BQ % kPVRows;
   int i = 0;
-  for (; i + R <= BQ; i += R) pv_block<BQ, R, C, kTail>(pt + i, n, v, v_stride, alpha + i, o + i * o_stride, o_stride, tail);
+  for (; i + R <= BQ; i += R) {
+    pv_block<BQ, R, C, kTail>(pt + i, n, v, v_stride, alpha + i, o + i * o_stride, o_stride, tail);
+    if (pf) pf->step();
+  }
   if constexpr (kRest > 0) pv_block<BQ, kRest, C, kTail>(pt + i, n, v, v_stride, alpha + i, o + i * o_stride, o_stride, tail);
 }
 
 // O (BQ x o_stride fp32, o_stride = D rounded up to W) = O * alpha + P V for n keys. The
 // head-dim chunk is the outer loop: its slice of the V tile (64 keys x 64 floats, 16 KB) stays
-// in L1 while every query row block streams over it.
+// in L1 while every query row block streams over it. (Row blocks outer, V tile and the block's
+// P^T columns in L1, measured no faster.)
+// pf (optional): prefetcher stepped once per 6-row block of the full head-dim chunks,
+// (BQ / kPVRows) * (D / (kPVVecs * W)) times.
+template <int BQ>
+inline int pv_steps(int64_t D) { return BQ / kPVRows * int(D / (kPVVecs * W)); }
+
 template <int BQ, class TV>
 inline void pv_tile(const float* pt, int n, const TV* v, int64_t v_stride, const float* alpha, float* o,
-                    int64_t o_stride, int64_t D) {
+                    int64_t o_stride, int64_t D, RowPrefetcher* pf = nullptr) {
   constexpr int DC = kPVVecs * W;
   const int tail = int(D % W);
   int64_t d = 0;
-  for (; d + DC <= D; d += DC) pv_rows<BQ, kPVVecs, false>(pt, n, v + d, v_stride, alpha, o + d, o_stride, 0);
+  for (; d + DC <= D; d += DC) pv_rows<BQ, kPVVecs, false>(pt, n, v + d, v_stride, alpha, o + d, o_stride, 0, pf);
+  if (pf) pf->finish();
   for (; d + W <= D; d += W) pv_rows<BQ, 1, false>(pt, n, v + d, v_stride, alpha, o + d, o_stride, 0);
   if (tail) pv_rows<BQ, 1, true>(pt, n, v + d, v_stride, alpha, o + d, o_stride, tail);
 }
 
 #if defined(GK_SIMD_AVX512)
 // ---------------------------------------------------------------------------------- bf16 pairs
-// S^T for R keys: qp holds Q as (d, d+1) pairs, qp[dp * BQ + i] = (q[i][2dp], q[i][2dp+1]);
+// S^T for R keys: qp holds Q as (d, d+1) pairs, qp[dp * kLdPairs<BQ> + i] = (q[i][2dp], q[i][2dp+1]);
 // each K pair is broadcast from its row.
 template <int BQ, int R, int C>
 GK_INLINE void qk_block_bf16(const uint32_t* qp, const bf16_t* k, int64_t k_stride, int64_t D, float* st) {
@@ -153,7 +235,7 @@ GK_INLINE void qk_block_bf16(const uint32_t* qp, const bf16_t* k, int64_t k_stri
   for (int64_t dp = 0; dp < D / 2; ++dp) {
     VecBF16Pairs qv[C];
 #pragma GCC unroll 8
-    for (int c = 0; c < C; ++c) qv[c] = VecBF16Pairs::load(qp + dp * BQ + c * W);
+    for (int c = 0; c < C; ++c) qv[c] = VecBF16Pairs::load(qp + dp * kLdPairs<BQ> + c * W);
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       const VecBF16Pairs kb = VecBF16Pairs::broadcast(k + r * k_stride + 2 * dp);
@@ -164,7 +246,7 @@ GK_INLINE void qk_block_bf16(const uint32_t* qp, const bf16_t* k, int64_t k_stri
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
-    for (int c = 0; c < C; ++c) acc[r][c].store(st + r * BQ + c * W);
+    for (int c = 0; c < C; ++c) acc[r][c].store(st + r * kLdPairs<BQ> + c * W);
 }
 
 template <int BQ>
@@ -172,12 +254,12 @@ inline void qk_tile_bf16(const uint32_t* qp, const bf16_t* k, int64_t k_stride, 
   constexpr int R = kQKRows, QC = kQKVecs * W;
   int j = 0;
   for (; j + R <= n; j += R)
-    for (int i = 0; i < BQ; i += QC) qk_block_bf16<BQ, R, kQKVecs>(qp + i, k + j * k_stride, k_stride, D, st + j * BQ + i);
+    for (int i = 0; i < BQ; i += QC) qk_block_bf16<BQ, R, kQKVecs>(qp + i, k + j * k_stride, k_stride, D, st + j * kLdPairs<BQ> + i);
   for (; j < n; ++j)
-    for (int i = 0; i < BQ; i += QC) qk_block_bf16<BQ, 1, kQKVecs>(qp + i, k + j * k_stride, k_stride, D, st + j * BQ + i);
+    for (int i = 0; i < BQ; i += QC) qk_block_bf16<BQ, 1, kQKVecs>(qp + i, k + j * k_stride, k_stride, D, st + j * kLdPairs<BQ> + i);
 }
 
-// O update from pairs: pp[jp * BQ + i] = (p[2jp][i], p[2jp+1][i]) and
+// O update from pairs: pp[jp * kLdPairs<BQ> + i] = (p[2jp][i], p[2jp+1][i]) and
 // vp[jp * o_stride + d] = (v[2jp][d], v[2jp+1][d]), zero-padded to o_stride head-dim lanes.
 template <int BQ, int R, int C>
 GK_INLINE void pv_block_bf16(const uint32_t* pp, int npairs, const uint32_t* vp, int64_t o_stride, const float* alpha,
@@ -195,7 +277,7 @@ GK_INLINE void pv_block_bf16(const uint32_t* pp, int npairs, const uint32_t* vp,
     for (int c = 0; c < C; ++c) vv[c] = VecBF16Pairs::load(vp + jp * o_stride + c * W);
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
-      const VecBF16Pairs pb = VecBF16Pairs::broadcast(pp + jp * BQ + r);
+      const VecBF16Pairs pb = VecBF16Pairs::broadcast(pp + jp * kLdPairs<BQ> + r);
 #pragma GCC unroll 8
       for (int c = 0; c < C; ++c) acc[r][c] = dot_bf16_pairs(pb, vv[c], acc[r][c]);
     }
