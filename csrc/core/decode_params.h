@@ -139,17 +139,22 @@ struct RotaryParams {
   int64_t batch = 0, seqlen = 0, heads = 0, head_dim = 0;
 };
 
+// log2 of a power-of-two page size: token t sits in page slot t >> shift, at row t & (size - 1).
+GK_HOST_DEVICE GK_INLINE int page_shift(int64_t page_size) {
+#if defined(__CUDA_ARCH__)
+  return __ffsll(page_size) - 1;
+#else
+  return __builtin_ctzll(static_cast<unsigned long long>(page_size));
+#endif
+}
+
 // Token `t` of sequence `b` in a cache: the element offset of its (token, head 0) row.
 GK_HOST_DEVICE GK_INLINE int64_t cache_token_offset(const int32_t* block_table, int64_t block_table_stride,
                                                     int64_t page_size, const int64_t (&stride)[3], int64_t b,
                                                     int64_t t) {
   if (!block_table) return b * stride[0] + t * stride[1];
   // page_size is a power of two (checked by the bindings): shift and mask, no 64-bit division
-#if defined(__CUDA_ARCH__)
-  const int shift = __ffsll(page_size) - 1;
-#else
-  const int shift = __builtin_ctzll(static_cast<unsigned long long>(page_size));
-#endif
+  const int shift = page_shift(page_size);
   const int64_t page = block_table[b * block_table_stride + (t >> shift)];
   return page * stride[0] + (t & (page_size - 1)) * stride[1];
 }
@@ -166,11 +171,7 @@ GK_HOST_DEVICE GK_INLINE bool cache_token_offset_checked(const int32_t* block_ta
     offset = b * stride[0] + t * stride[1];
     return true;
   }
-#if defined(__CUDA_ARCH__)
-  const int shift = __ffsll(page_size) - 1;
-#else
-  const int shift = __builtin_ctzll(static_cast<unsigned long long>(page_size));
-#endif
+  const int shift = page_shift(page_size);
   const int64_t page = block_table[b * block_table_stride + (t >> shift)];
   if (page < 0 || page >= num_pages) return false;
   offset = page * stride[0] + (t & (page_size - 1)) * stride[1];
