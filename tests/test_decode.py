@@ -23,10 +23,11 @@ def check(q, k, v, lens, table=None, **kw):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("page_size", [0, 1, 16, 64])
-@pytest.mark.parametrize("group", [1, 4, 8])
+@pytest.mark.parametrize("group", [1, 3, 4, 8])  # 3: rows of one 4-row block from two kv heads
 @pytest.mark.parametrize("seqlen_q", [1, 4])
 @pytest.mark.parametrize("num_splits", [1, 3])
-@pytest.mark.parametrize("head_dim", [72, 128])  # 72: generic SIMD path with a tail; 128: AVX-512 path
+# 72: generic SIMD path with a tail; 96 and 128: AVX-512 path (value slabs of 32 and 64 dims)
+@pytest.mark.parametrize("head_dim", [72, 96, 128])
 def test_matches_reference(dtype, page_size, group, seqlen_q, num_splits, head_dim):
     g = torch.Generator().manual_seed(hash((page_size, group, seqlen_q, num_splits, head_dim)) % 2**31)
     heads_kv, capacity = 2, 130

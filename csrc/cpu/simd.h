@@ -230,6 +230,15 @@ inline VecF vexp(VecF x) {
   return select_lt(x, VecF::set1(kMin), VecF::zero(), scale_pow2(p, n));
 }
 
+// The SIMD operations of the online-softmax rule (core/softmax_state.h, softmax_rescale), one
+// state per lane. Empty lanes (m = -inf) are found by comparison with the lowest finite float.
+struct VecSoftmaxOps {
+  static VecF max(VecF a, VecF b) { return cpu::max(a, b); }
+  static VecF exp(VecF x) { return vexp(x); }
+  static VecF zero() { return VecF::zero(); }
+  static VecF select_empty(VecF m, VecF zero, VecF x) { return select_lt(m, VecF::set1(-3.0e38f), zero, x); }
+};
+
 // tanh(x) on every lane, about 1 ulp: an odd polynomial fitted for relative error below 0.625
 // (where 1 - 2 / (e^2x + 1) would cancel), that formula above; exactly +-1 beyond 9.
 inline VecF vtanh(VecF x) {

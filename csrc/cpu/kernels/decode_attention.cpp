@@ -27,7 +27,8 @@ namespace gk::cpu::GK_CPU_ISA_NS {
 
 namespace {
 
-constexpr int kTile = 16;  // keys per tile: one AVX-512 vector of scores per row
+constexpr int kTile = 16;     // keys per tile of the generic work item
+constexpr int kMaxTile = 32;  // the AVX-512 work item's tile (kTileA)
 constexpr int W = VecF::kWidth;
 
 // x[i] = exp(x[i]) for kTile entries; exp(-inf) = 0 exactly (masked keys weigh nothing).
@@ -89,12 +90,19 @@ struct Scratch {
   std::vector<bf16_t> qb;  // bf16 query rows (AVX-512 path)
   std::vector<SoftmaxStats> stats;
   std::vector<int64_t> lo, hi;
-  std::vector<int64_t> koff, voff;  // the tile's token offsets (head 0), current and next tile
-  // Sizes the buffers for `rows` query rows of `dp` padded dims; keeps their memory across calls.
+  std::vector<int64_t> koff, voff;  // token offsets (head 0) of a tile and of the next one
+  // AVX-512 path: rows on lanes (visible ranges, running max / sum, rescale factors)
+  std::vector<int32_t> lo32, hi32;
+  std::vector<float> m, l, alpha;
+  std::vector<int64_t> row_koff;  // offset of each row's kv head in the key cache
+  // Sizes the buffers for `rows` query rows (rounded up to whole 16-lane vectors) of `dp` padded
+  // dims; keeps their memory across calls.
   void reserve(int64_t rows, int64_t dp) {
-    q.resize(rows * dp), acc.resize(rows * dp), scores.resize(rows * kTile), kbuf.resize(kTile * dp);
+    rows = (rows + 15) / 16 * 16;
+    q.resize(rows * dp), acc.resize(rows * dp), scores.resize(rows * kMaxTile), kbuf.resize(kTile * dp);
     vbuf.resize(kTile * dp), qb.resize(rows * dp), stats.resize(rows), lo.resize(rows), hi.resize(rows);
-    koff.resize(2 * kTile), voff.resize(2 * kTile);
+    koff.resize(2 * kMaxTile), voff.resize(2 * kMaxTile);
+    lo32.resize(rows), hi32.resize(rows), m.resize(rows), l.resize(rows), alpha.resize(rows), row_koff.resize(rows);
   }
 };
 
@@ -181,7 +189,7 @@ void decode_work_item(const DecodeParams& p, Scratch& sc, int64_t b, int split) 
   const KeyRange split_keys = split_range(visible_keys_all_queries(p, L), split, p.num_splits,
                                           p.paged() ? std::max<int64_t>(p.page_size, kTile) : kTile);
 #if defined(GK_SIMD_AVX512)
-  if (D % 64 == 0) {
+  if (D % 32 == 0) {
     init_rows<T>(p, sc, b, split_keys, dp, std::is_same_v<T, bf16_t>);
     decode_work_item_avx512<T>(p, sc, b, split_keys);
     finish_rows<T>(p, sc, b, split, dp);

@@ -164,15 +164,6 @@ GK_INLINE VecF finish_scores(const ScoreRule& rule, float* st, int n, int64_t j0
   return mt;
 }
 
-// The SIMD operations of the online-softmax rule (core/softmax_state.h, softmax_rescale), one
-// state per lane. Empty lanes (m = -inf) are found by comparison with the lowest finite float.
-struct VecSoftmaxOps {
-  static VecF max(VecF a, VecF b) { return cpu::max(a, b); }
-  static VecF exp(VecF x) { return vexp(x); }
-  static VecF zero() { return VecF::zero(); }
-  static VecF select_empty(VecF m, VecF zero, VecF x) { return select_lt(m, VecF::set1(-3.0e38f), zero, x); }
-};
-
 // Online-softmax update of the query tile with the raw dot products of n keys: their scores
 // (finish_scores), then per lane the rule of core/softmax_state.h (softmax_rescale), the tile's
 // sum taken directly against the new base. P = exp(S^T - base) is written as P^T in place over
