@@ -67,12 +67,13 @@ def decode_attention(
     # Decode runs once per layer per token: in plain eager mode skip the dispatcher (~3 us of a
     # ~15 us call); anything that must see the op (torch.compile, fake tensors, dispatch modes,
     # tensor subclasses) goes through torch.ops.genkernels.decode_attention as registered.
-    op = decode_impl if _plain_eager(q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes) \
-        else torch.ops.genkernels.decode_attention  # fmt: skip
-    out, lse = op(
-        q, k_cache, v_cache, cache_seqlens, block_table, causal, window_left, window_right, scale,
-        float(softcap), alibi_slopes, int(num_splits),
-    )  # fmt: skip
+    # The direct path also skips the log-sum-exp buffer when it is not asked for.
+    args = (q, k_cache, v_cache, cache_seqlens, block_table, causal, window_left, window_right, scale, float(softcap),
+            alibi_slopes, int(num_splits))  # fmt: skip
+    if _plain_eager(q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes):
+        out, lse = decode_impl(*args, want_lse=return_lse)
+    else:
+        out, lse = torch.ops.genkernels.decode_attention(*args)
     return (out, lse) if return_lse else out
 
 
@@ -189,12 +190,14 @@ def _check_cuda_layout(q, k_cache, v_cache, head_dim):
 
 # ------------------------------------------------------------------ op implementation
 def decode_impl(q, k_cache, v_cache, cache_seqlens, block_table, causal, window_left, window_right, softmax_scale,
-                softcap, alibi_slopes, num_splits):  # fmt: skip
+                softcap, alibi_slopes, num_splits, *, want_lse: bool = True):  # fmt: skip
+    """The op's implementation; ``want_lse=False`` (eager callers only) returns ``(out, None)``
+    without allocating or writing the log-sum-exp."""
     batch, seqlen_q, heads_q, heads_kv, head_dim, capacity, page_size, num_pages = _validate(
         q, k_cache, v_cache, cache_seqlens, block_table, window_left, window_right, softcap, alibi_slopes, num_splits
     )
     out = torch.empty_like(q, memory_format=torch.contiguous_format)  # q's shape and dtype; cheaper than torch.empty
-    lse = torch.empty((batch, heads_q, seqlen_q), dtype=torch.float32, device=q.device)
+    lse = torch.empty((batch, heads_q, seqlen_q), dtype=torch.float32, device=q.device) if want_lse else None
     dev = _native.device_code(q)
     partial_out = partial_lse = None
     if dev != _native.DEVICE_CPU:
@@ -214,7 +217,7 @@ def decode_impl(q, k_cache, v_cache, cache_seqlens, block_table, causal, window_
         dev, _native.DTYPE_CODE[q.dtype], q.data_ptr(), qs[0], qs[1], qs[2],
         k_cache.data_ptr(), v_cache.data_ptr(), ks[0], ks[1], ks[2], vs[0], vs[1], vs[2],
         bt_ptr, bt_stride, page_size, capacity, num_pages, cache_seqlens.data_ptr(), alibi_ptr, alibi_bstride,
-        out.data_ptr(), lse.data_ptr(), po_ptr, pl_ptr, batch, seqlen_q, heads_q, heads_kv, head_dim, num_splits,
+        out.data_ptr(), 0 if lse is None else lse.data_ptr(), po_ptr, pl_ptr, batch, seqlen_q, heads_q, heads_kv, head_dim, num_splits,
         softmax_scale, softcap, causal, window_left, window_right, _native.stream_of(q) if dev != _native.DEVICE_CPU else 0,
         _native.num_threads(),
     )  # fmt: skip
