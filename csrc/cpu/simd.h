@@ -230,6 +230,32 @@ inline VecF vexp(VecF x) {
   return select_lt(x, VecF::set1(kMin), VecF::zero(), scale_pow2(p, n));
 }
 
+#if defined(GK_SIMD_AVX512)
+// In-register transpose of a 16 x 16 fp32 block: r[i] lane j becomes r[j] lane i.
+inline void transpose16x16(__m512 (&r)[16]) {
+  __m512 a[16], b[16];
+  for (int i = 0; i < 16; i += 2) {  // 2 x 2 blocks of single floats
+    a[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    a[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4)  // 4 x 4 blocks: pairs of floats
+    for (int j = 0; j < 2; ++j) {
+      b[i + 2 * j] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(a[i + j]), _mm512_castps_pd(a[i + j + 2])));
+      b[i + 2 * j + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(a[i + j]), _mm512_castps_pd(a[i + j + 2])));
+    }
+  // b[4g + c], 128-bit lane L: column 4L + c of rows 4g..4g+3; now gather the lanes
+  for (int i = 0; i < 16; i += 8)
+    for (int j = 0; j < 4; ++j) {
+      a[i + j] = _mm512_shuffle_f32x4(b[i + j], b[i + j + 4], _MM_SHUFFLE(2, 0, 2, 0));
+      a[i + j + 4] = _mm512_shuffle_f32x4(b[i + j], b[i + j + 4], _MM_SHUFFLE(3, 1, 3, 1));
+    }
+  for (int j = 0; j < 8; ++j) {
+    r[j] = _mm512_shuffle_f32x4(a[j], a[j + 8], _MM_SHUFFLE(2, 0, 2, 0));
+    r[j + 8] = _mm512_shuffle_f32x4(a[j], a[j + 8], _MM_SHUFFLE(3, 1, 3, 1));
+  }
+}
+#endif
+
 // The SIMD operations of the online-softmax rule (core/softmax_state.h, softmax_rescale), one
 // state per lane. Empty lanes (m = -inf) are found by comparison with the lowest finite float.
 struct VecSoftmaxOps {

@@ -69,6 +69,7 @@ struct TileBuffers {
   float* l;
   float* alpha;
   float* pos;
+  float* mx;       // the key tile's per-query maximum, from the S^T micro-kernel (unmasked tiles)
   int64_t dp;      // D rounded up to the vector width
 };
 
@@ -77,7 +78,7 @@ void piece_sizes(int64_t D, size_t (&sizes)[kPieces]) {
   const int64_t dp = (D + W - 1) / W * W;
   constexpr int64_t ld = kLd<kBlockQ>;
   const size_t s[kPieces] = {size_t(D * ld), size_t(kBlockK * ld), size_t(kBlockQ * dp), size_t(kBlockK * D),
-                             size_t(kBlockK * std::max<int64_t>(D, dp)), size_t(kBlockK / 2 * ld), 4 * size_t(kBlockQ)};
+                             size_t(kBlockK * std::max<int64_t>(D, dp)), size_t(kBlockK / 2 * ld), 5 * size_t(kBlockQ)};
   for (int i = 0; i < kPieces; ++i) sizes[i] = (s[i] + 15) / 16 * 16;  // 64-byte aligned pieces
 }
 
@@ -97,6 +98,7 @@ TileBuffers tile_buffers(float* base, int64_t D) {
   t.qt = parts[0], t.st = parts[1], t.o = parts[2], t.kc = parts[3], t.vc = parts[4];
   t.pp = reinterpret_cast<uint32_t*>(parts[5]);
   t.m = parts[6], t.l = parts[6] + kBlockQ, t.alpha = parts[6] + 2 * kBlockQ, t.pos = parts[6] + 3 * kBlockQ;
+  t.mx = parts[6] + 4 * kBlockQ;
   t.dp = (D + W - 1) / W * W;
   return t;
 }
@@ -111,6 +113,26 @@ void rows_to_float(const T* src, int64_t stride, int n, int64_t D, float* dst) {
     for (; x + W <= D; x += W) VecF::load(s + x).store(d + x);
     if (x < D) store_first(load_first(s + x, int(D - x)), d + x, int(D - x));
   }
+}
+
+// Q^T (D x BQ fp32, row stride kLd<BQ>) from nq query rows of D elements at stride qs, times the
+// softmax scale (so that S^T = K Q^T are the scores); padding queries are 0. AVX-512: 16 x 16 blocks transposed in registers (a scalar transpose was ~2.5% of
+// a causal 4096-token call: 16 K strided scalar stores per query tile).
+template <int BQ, class T>
+void pack_q_transposed(const T* q, int64_t qs, int nq, int64_t D, float scale, float* qt) {
+  int64_t d0 = 0;
+#if defined(GK_SIMD_AVX512)
+  const __m512 sv = _mm512_set1_ps(scale);
+  for (; d0 + 16 <= D; d0 += 16)
+    for (int i0 = 0; i0 < BQ; i0 += 16) {
+      __m512 r[16];
+      for (int i = 0; i < 16; ++i) r[i] = i0 + i < nq ? _mm512_mul_ps(VecF::load(q + (i0 + i) * qs + d0).v, sv) : _mm512_setzero_ps();
+      transpose16x16(r);
+      for (int d = 0; d < 16; ++d) _mm512_storeu_ps(qt + (d0 + d) * kLd<BQ> + i0, r[d]);
+    }
+#endif
+  for (; d0 < D; ++d0)
+    for (int i = 0; i < BQ; ++i) qt[d0 * kLd<BQ> + i] = i < nq ? to_float(q[i * qs + d0]) * scale : 0.f;
 }
 
 // Prefetches n rows of `bytes` bytes each into L2.
@@ -170,12 +192,14 @@ GK_INLINE VecF finish_scores(const ScoreRule& rule, float* st, int n, int64_t j0
 // st (fp32 path) or, with kPairs, packed in the same pass as the (key, key+1) bf16 pairs of the
 // bf16 P V product (no second pass over P). alpha = exp(m_old - base) rescales O and l. A lane
 // that has seen only masked keys keeps m = -inf, l = 0.
+// tile_max (optional): the tile's per-query maximum, already computed with S^T when the scores
+// are the raw dot products (unmasked tile, no softcap or ALiBi, scale folded into Q^T).
 template <int BQ, bool kPairs>
 void online_softmax(const ScoreRule& rule, int64_t j0, const float* pos, float* st, int n, float* m, float* l,
-                    float* alpha, uint32_t* pp) {
+                    float* alpha, uint32_t* pp, const float* tile_max = nullptr) {
   constexpr int kLdS = kPairs ? kLdPairs<BQ> : kLd<BQ>;
   for (int c = 0; c < BQ; c += W) {
-    const VecF mt = finish_scores<BQ, kLdS>(rule, st, n, j0, pos, c);
+    const VecF mt = tile_max ? VecF::load(tile_max + c) : finish_scores<BQ, kLdS>(rule, st, n, j0, pos, c);
     const SoftmaxRescale<VecF> r = softmax_rescale<VecSoftmaxOps>(VecF::load(m + c), mt);
     VecF sum = VecF::zero();
     if constexpr (kPairs) {
@@ -235,18 +259,22 @@ void query_tile(const FlashParams& p, int64_t b, int64_t h, int64_t i0, float* s
         qp[d2 * kLdPairs<BQ> + i] = w;
       }
   } else {
-    for (int i = 0; i < BQ; ++i)
-      for (int64_t d = 0; d < D; ++d) t.qt[d * kLd<BQ> + i] = i < nq ? to_float(q[i * qs + d]) : 0.f;
+    pack_q_transposed<BQ>(q, qs, nq, D, p.scale, t.qt);
   }
 
   const FlashKeyRange first = flash_key_range(p, i0, sq, sk), last = flash_key_range(p, i0 + nq - 1, sq, sk);
   // Keys seen by some query of the tile, and those seen by all of them (no mask needed).
   const int64_t lo = first.lo, hi = last.hi, all_lo = last.lo, all_hi = first.hi;
-  ScoreRule rule{p.scale, p.softcap, p.alibi_slope(b, h), false, p.window_left, p.right_bound()};
+  // the fp32 Q^T carries the softmax scale; the bf16 pairs do not (rounding q * scale to bf16
+  // would add an error the GPU kernels do not make)
+  ScoreRule rule{kUseBF16Dot<T> ? p.scale : 1.f, p.softcap, p.alibi_slope(b, h), false, p.window_left, p.right_bound()};
 
   for (int64_t j0 = lo; j0 < hi; j0 += kBlockK) {
     const int n = int(std::min<int64_t>(kBlockK, hi - j0));
     rule.mask = !(all_lo <= j0 && j0 + n <= all_hi);
+    // on a tile that the causal / right-window edge crosses, skip what no query sees
+    KeyLimit lim;
+    if (rule.mask && rule.right >= 0) lim = {t.pos, float(rule.right - j0)};
     const T* kt = k + j0 * ks;
     const T* vt = v + j0 * vs;
     // The next tile's K and V rows are a head-stride apart, which the hardware prefetchers
@@ -264,11 +292,11 @@ void query_tile(const FlashParams& p, int64_t b, int64_t h, int64_t i0, float* s
       // next to each other first.
       bf16_t* kc = reinterpret_cast<bf16_t*>(t.kc);
       for (int j = 0; j < n; ++j) std::memcpy(kc + j * D, kt + j * ks, D * sizeof(bf16_t));
-      qk_tile_bf16<BQ>(reinterpret_cast<const uint32_t*>(t.qt), kc, D, n, D, t.st);
+      qk_tile_bf16<BQ>(reinterpret_cast<const uint32_t*>(t.qt), kc, D, n, D, t.st, lim);
       online_softmax<BQ, true>(rule, j0, t.pos, t.st, n, t.m, t.l, t.alpha, t.pp);
       uint32_t* vp = reinterpret_cast<uint32_t*>(t.vc);
       pack_v_pairs(vt, vs, n, D, dp, vp);
-      pv_tile_bf16<BQ>(t.pp, (n + 1) / 2, vp, t.alpha, t.o, dp);
+      pv_tile_bf16<BQ>(t.pp, n, vp, t.alpha, t.o, dp, lim);
 #endif
     } else {
       // fp32 copies of the K and V tiles: converts fp16 (and bf16 below AVX-512) once per tile,
@@ -277,11 +305,14 @@ void query_tile(const FlashParams& p, int64_t b, int64_t h, int64_t i0, float* s
       const int64_t row_bytes = D * int64_t(sizeof(T));
       rows_to_float(kt, ks, n, D, t.kc);
       pf.start(vt, vs * int64_t(sizeof(T)), n, row_bytes, qk_steps<BQ>(n, D));
-      qk_tile<BQ>(t.qt, t.kc, D, n, D, t.st, &pf);
-      online_softmax<BQ, false>(rule, j0, t.pos, t.st, n, t.m, t.l, t.alpha, nullptr);
+      // unmasked tiles without softcap or ALiBi: the scores are S^T as computed, and their
+      // maximum comes out of the micro-kernel
+      float* tile_max = !rule.mask && rule.softcap <= 0.f && rule.slope == 0.f ? t.mx : nullptr;
+      qk_tile<BQ>(t.qt, t.kc, D, n, D, t.st, &pf, tile_max, lim);
+      online_softmax<BQ, false>(rule, j0, t.pos, t.st, n, t.m, t.l, t.alpha, nullptr, tile_max);
       rows_to_float(vt, vs, n, D, t.vc);
       if (n_next > 0) pf.start(kt + kBlockK * ks, ks * int64_t(sizeof(T)), n_next, row_bytes, pv_steps<BQ>(D));
-      pv_tile<BQ>(t.st, n, t.vc, D, t.alpha, t.o, dp, D, n_next > 0 ? &pf : nullptr);
+      pv_tile<BQ>(t.st, n, t.vc, D, t.alpha, t.o, dp, D, n_next > 0 ? &pf : nullptr, lim);
     }
   }
 

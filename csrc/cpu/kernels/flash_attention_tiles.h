@@ -12,6 +12,7 @@
 #pragma once
 #include <cstdint>
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include "cpu/simd.h"
 
@@ -77,10 +78,28 @@ struct RowPrefetcher {
   }
 };
 
+// The right edge (causal or right window) of the mask on a key tile that crosses it: key j of the
+// tile is visible to the query at lane q only if j <= pos[q] + offset. Query positions grow with
+// the lane, so a block of queries sees at most keys [0, keys_for(last lane)). The micro-kernels
+// skip key blocks that no query of a block sees: their scores are left for finish_scores to mask,
+// their probabilities are exactly 0 (on the causal diagonal this saves about a quarter of the
+// S^T work and half of the P V work of the two tiles the diagonal crosses).
+struct KeyLimit {
+  const float* pos = nullptr;  // null: no limit
+  float offset = 0.f;
+  GK_INLINE int keys_for(int last_lane, int n) const {
+    if (!pos) return n;
+    const float k = pos[last_lane] + offset + 1.f;
+    return k <= 0.f ? 0 : k >= float(n) ? n : int(k);
+  }
+};
+
 // ---------------------------------------------------------------------------------- S^T = K Q^T
 // st[r][c] (r < R keys, c < C*W queries) = sum_d k[r * k_stride + d] * qt[d * kLd<BQ> + c].
-template <int BQ, int R, int C, bool kAccumulate, class TK>
-GK_INLINE void qk_block(const float* qt, const TK* k, int64_t k_stride, int64_t D, float* st) {
+// kMax: also folds the block's scores into the per-query running maximum mx[0 : C*W], so that
+// the softmax needs no separate pass over S^T for it (the common, unmasked case).
+template <int BQ, int R, int C, bool kAccumulate, bool kMax, class TK>
+GK_INLINE void qk_block(const float* qt, const TK* k, int64_t k_stride, int64_t D, float* st, float* mx) {
   VecF acc[R][C];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
@@ -101,18 +120,31 @@ GK_INLINE void qk_block(const float* qt, const TK* k, int64_t k_stride, int64_t 
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
     for (int c = 0; c < C; ++c) acc[r][c].store(st + r * kLd<BQ> + c * W);
+  if constexpr (kMax) {
+#pragma GCC unroll 8
+    for (int c = 0; c < C; ++c) {
+      VecF m = VecF::load(mx + c * W);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) m = max(m, acc[r][c]);
+      m.store(mx + c * W);
+    }
+  }
 }
 
 // The last n < kQKRows keys in one block of n rows (a 1-row block is latency bound: 4 chains).
-template <int BQ, int R, bool kAccumulate, class TK>
-GK_INLINE void qk_rest(const float* qt, const TK* k, int64_t k_stride, int n, int64_t D, float* st) {
+// `first` is the index of these keys in the tile (for the KeyLimit).
+template <int BQ, int R, bool kAccumulate, bool kMax, class TK>
+GK_INLINE void qk_rest(const float* qt, const TK* k, int64_t k_stride, int n, int64_t D, float* st, float* mx,
+                       const KeyLimit& lim, int first, int n_tile) {
   constexpr int QC = kQKVecs * W;
   if constexpr (R > 0) {
     if (n == R) {
-      for (int i = 0; i < BQ; i += QC) qk_block<BQ, R, kQKVecs, kAccumulate>(qt + i, k, k_stride, D, st + i);
+      for (int i = 0; i < BQ; i += QC)
+        if (first < lim.keys_for(i + QC - 1, n_tile))
+          qk_block<BQ, R, kQKVecs, kAccumulate, kMax>(qt + i, k, k_stride, D, st + i, mx + i);
       return;
     }
-    qk_rest<BQ, R - 1, kAccumulate>(qt, k, k_stride, n, D, st);
+    qk_rest<BQ, R - 1, kAccumulate, kMax>(qt, k, k_stride, n, D, st, mx, lim, first, n_tile);
   }
 }
 
@@ -122,17 +154,19 @@ GK_INLINE void qk_rest(const float* qt, const TK* k, int64_t k_stride, int n, in
 // (64 KB at head dim 128) streamed from L2 once per 6-key block. Key blocks are the next loop
 // (each block's 6 K rows stay in L1). Measured on the Zen 5 box: 12 x 2 blocks (12 broadcasts +
 // 2 loads per 24 FMAs) were 15% slower than these 6 x 4 blocks (6 + 4).
-template <bool kAccumulate, int BQ, class TK>
+template <bool kAccumulate, bool kMax, int BQ, class TK>
 inline void qk_tile_chunk(const float* qt, const TK* k, int64_t k_stride, int n, int64_t D, float* st,
-                          RowPrefetcher* pf) {
+                          RowPrefetcher* pf, float* mx, const KeyLimit& lim) {
   constexpr int R = kQKRows, QC = kQKVecs * W;
   int j = 0;
   for (; j + R <= n; j += R) {
     for (int i = 0; i < BQ; i += QC)
-      qk_block<BQ, R, kQKVecs, kAccumulate>(qt + i, k + j * k_stride, k_stride, D, st + j * kLd<BQ> + i);
+      if (j < lim.keys_for(i + QC - 1, n))
+        qk_block<BQ, R, kQKVecs, kAccumulate, kMax>(qt + i, k + j * k_stride, k_stride, D, st + j * kLd<BQ> + i, mx + i);
     if (pf) pf->step();
   }
-  if (j < n) qk_rest<BQ, R - 1, kAccumulate>(qt, k + j * k_stride, k_stride, n - j, D, st + j * kLd<BQ>);
+  if (j < n)
+    qk_rest<BQ, R - 1, kAccumulate, kMax>(qt, k + j * k_stride, k_stride, n - j, D, st + j * kLd<BQ>, mx, lim, j, n);
 }
 
 // pf (optional): prefetcher stepped once per key block, (n / kQKRows) * qk_steps(D, BQ) times.
@@ -141,16 +175,24 @@ constexpr int64_t qk_depth() { return kQKDepth * kBlockQ / BQ; }
 template <int BQ>
 inline int qk_steps(int n, int64_t D) { return n / kQKRows * int((D + qk_depth<BQ>() - 1) / qk_depth<BQ>()); }
 
+// mx (optional): receives the per-query maximum of the n keys' S^T (BQ floats), computed by the
+// last head-dim chunk as it stores its scores.
 template <int BQ, class TK>
 inline void qk_tile(const float* qt, const TK* k, int64_t k_stride, int n, int64_t D, float* st,
-                    RowPrefetcher* pf = nullptr) {
+                    RowPrefetcher* pf = nullptr, float* mx = nullptr, const KeyLimit& lim = {}) {
   constexpr int64_t kDepth = qk_depth<BQ>();
   for (int64_t d0 = 0; d0 < D; d0 += kDepth) {
     const int64_t dd = std::min<int64_t>(kDepth, D - d0);
-    if (d0 == 0)
-      qk_tile_chunk<false, BQ>(qt, k, k_stride, n, dd, st, pf);
-    else
-      qk_tile_chunk<true, BQ>(qt + d0 * kLd<BQ>, k + d0, k_stride, n, dd, st, pf);
+    const bool last = d0 + kDepth >= D;
+    if (last && mx) {
+      std::fill(mx, mx + BQ, -INFINITY);
+      if (d0 == 0) qk_tile_chunk<false, true, BQ>(qt, k, k_stride, n, dd, st, pf, mx, lim);
+      else qk_tile_chunk<true, true, BQ>(qt + d0 * kLd<BQ>, k + d0, k_stride, n, dd, st, pf, mx, lim);
+    } else if (d0 == 0) {
+      qk_tile_chunk<false, false, BQ>(qt, k, k_stride, n, dd, st, pf, mx, lim);
+    } else {
+      qk_tile_chunk<true, false, BQ>(qt + d0 * kLd<BQ>, k + d0, k_stride, n, dd, st, pf, mx, lim);
+    }
   }
   if (pf) pf->finish();
 }
@@ -190,14 +232,15 @@ GK_INLINE void pv_block(const float* pt, int n, const TV* v, int64_t v_stride, c
 // All BQ query rows of one head-dim chunk [d, d + C*W): kPVRows-row blocks, then the rest.
 template <int BQ, int C, bool kTail, class TV>
 GK_INLINE void pv_rows(const float* pt, int n, const TV* v, int64_t v_stride, const float* alpha, float* o,
-                       int64_t o_stride, int tail, RowPrefetcher* pf = nullptr) {
+                       int64_t o_stride, int tail, RowPrefetcher* pf, const KeyLimit& lim) {
   constexpr int R = kPVRows, kRest = BQ % kPVRows;
   int i = 0;
   for (; i + R <= BQ; i += R) {
-    pv_block<BQ, R, C, kTail>(pt + i, n, v, v_stride, alpha + i, o + i * o_stride, o_stride, tail);
+    pv_block<BQ, R, C, kTail>(pt + i, lim.keys_for(i + R - 1, n), v, v_stride, alpha + i, o + i * o_stride, o_stride, tail);
     if (pf) pf->step();
   }
-  if constexpr (kRest > 0) pv_block<BQ, kRest, C, kTail>(pt + i, n, v, v_stride, alpha + i, o + i * o_stride, o_stride, tail);
+  if constexpr (kRest > 0)
+    pv_block<BQ, kRest, C, kTail>(pt + i, lim.keys_for(BQ - 1, n), v, v_stride, alpha + i, o + i * o_stride, o_stride, tail);
 }
 
 // O (BQ x o_stride fp32, o_stride = D rounded up to W) = O * alpha + P V for n keys. The
@@ -211,14 +254,14 @@ inline int pv_steps(int64_t D) { return BQ / kPVRows * int(D / (kPVVecs * W)); }
 
 template <int BQ, class TV>
 inline void pv_tile(const float* pt, int n, const TV* v, int64_t v_stride, const float* alpha, float* o,
-                    int64_t o_stride, int64_t D, RowPrefetcher* pf = nullptr) {
+                    int64_t o_stride, int64_t D, RowPrefetcher* pf = nullptr, const KeyLimit& lim = {}) {
   constexpr int DC = kPVVecs * W;
   const int tail = int(D % W);
   int64_t d = 0;
-  for (; d + DC <= D; d += DC) pv_rows<BQ, kPVVecs, false>(pt, n, v + d, v_stride, alpha, o + d, o_stride, 0, pf);
+  for (; d + DC <= D; d += DC) pv_rows<BQ, kPVVecs, false>(pt, n, v + d, v_stride, alpha, o + d, o_stride, 0, pf, lim);
   if (pf) pf->finish();
-  for (; d + W <= D; d += W) pv_rows<BQ, 1, false>(pt, n, v + d, v_stride, alpha, o + d, o_stride, 0);
-  if (tail) pv_rows<BQ, 1, true>(pt, n, v + d, v_stride, alpha, o + d, o_stride, tail);
+  for (; d + W <= D; d += W) pv_rows<BQ, 1, false>(pt, n, v + d, v_stride, alpha, o + d, o_stride, 0, nullptr, lim);
+  if (tail) pv_rows<BQ, 1, true>(pt, n, v + d, v_stride, alpha, o + d, o_stride, tail, nullptr, lim);
 }
 
 #if defined(GK_SIMD_AVX512)
@@ -250,13 +293,18 @@ GK_INLINE void qk_block_bf16(const uint32_t* qp, const bf16_t* k, int64_t k_stri
 }
 
 template <int BQ>
-inline void qk_tile_bf16(const uint32_t* qp, const bf16_t* k, int64_t k_stride, int n, int64_t D, float* st) {
+inline void qk_tile_bf16(const uint32_t* qp, const bf16_t* k, int64_t k_stride, int n, int64_t D, float* st,
+                         const KeyLimit& lim = {}) {
   constexpr int R = kQKRows, QC = kQKVecs * W;
   int j = 0;
   for (; j + R <= n; j += R)
-    for (int i = 0; i < BQ; i += QC) qk_block_bf16<BQ, R, kQKVecs>(qp + i, k + j * k_stride, k_stride, D, st + j * kLdPairs<BQ> + i);
+    for (int i = 0; i < BQ; i += QC)
+      if (j < lim.keys_for(i + QC - 1, n))
+        qk_block_bf16<BQ, R, kQKVecs>(qp + i, k + j * k_stride, k_stride, D, st + j * kLdPairs<BQ> + i);
   for (; j < n; ++j)
-    for (int i = 0; i < BQ; i += QC) qk_block_bf16<BQ, 1, kQKVecs>(qp + i, k + j * k_stride, k_stride, D, st + j * kLdPairs<BQ> + i);
+    for (int i = 0; i < BQ; i += QC)
+      if (j < lim.keys_for(i + QC - 1, n))
+        qk_block_bf16<BQ, 1, kQKVecs>(qp + i, k + j * k_stride, k_stride, D, st + j * kLdPairs<BQ> + i);
 }
 
 // O update from pairs: pp[jp * kLdPairs<BQ> + i] = (p[2jp][i], p[2jp+1][i]) and
@@ -289,21 +337,24 @@ GK_INLINE void pv_block_bf16(const uint32_t* pp, int npairs, const uint32_t* vp,
 }
 
 template <int BQ, int C>
-GK_INLINE void pv_rows_bf16(const uint32_t* pp, int npairs, const uint32_t* vp, int64_t o_stride, const float* alpha,
-                            float* o) {
+GK_INLINE void pv_rows_bf16(const uint32_t* pp, int n, const uint32_t* vp, int64_t o_stride, const float* alpha,
+                            float* o, const KeyLimit& lim) {
   constexpr int R = kPVRows, kRest = BQ % kPVRows;
   int i = 0;
-  for (; i + R <= BQ; i += R) pv_block_bf16<BQ, R, C>(pp + i, npairs, vp, o_stride, alpha + i, o + i * o_stride);
-  if constexpr (kRest > 0) pv_block_bf16<BQ, kRest, C>(pp + i, npairs, vp, o_stride, alpha + i, o + i * o_stride);
+  for (; i + R <= BQ; i += R)
+    pv_block_bf16<BQ, R, C>(pp + i, (lim.keys_for(i + R - 1, n) + 1) / 2, vp, o_stride, alpha + i, o + i * o_stride);
+  if constexpr (kRest > 0)
+    pv_block_bf16<BQ, kRest, C>(pp + i, (lim.keys_for(BQ - 1, n) + 1) / 2, vp, o_stride, alpha + i, o + i * o_stride);
 }
 
-// Head-dim chunk outer, as in pv_tile.
+// Head-dim chunk outer, as in pv_tile; n keys (n / 2 rounded up pairs).
 template <int BQ>
-inline void pv_tile_bf16(const uint32_t* pp, int npairs, const uint32_t* vp, const float* alpha, float* o, int64_t o_stride) {
+inline void pv_tile_bf16(const uint32_t* pp, int n, const uint32_t* vp, const float* alpha, float* o, int64_t o_stride,
+                         const KeyLimit& lim = {}) {
   constexpr int DC = kPVVecs * W;
   int64_t d = 0;
-  for (; d + DC <= o_stride; d += DC) pv_rows_bf16<BQ, kPVVecs>(pp, npairs, vp + d, o_stride, alpha, o + d);
-  for (; d < o_stride; d += W) pv_rows_bf16<BQ, 1>(pp, npairs, vp + d, o_stride, alpha, o + d);
+  for (; d + DC <= o_stride; d += DC) pv_rows_bf16<BQ, kPVVecs>(pp, n, vp + d, o_stride, alpha, o + d, lim);
+  for (; d < o_stride; d += W) pv_rows_bf16<BQ, 1>(pp, n, vp + d, o_stride, alpha, o + d, lim);
 }
 
 // vp[jp][d] = (v[2jp][d], v[2jp+1][d]) for n rows of v (the missing odd row and the lanes
