@@ -57,50 +57,80 @@ struct Workspace {
 };
 thread_local Workspace t_workspace;
 
-// The pieces of one thread's scratch for one head dim (sized for the largest query tile).
-struct TileBuffers {
-  float* qt;       // Q^T: D x BQ fp32, or (D / 2) x BQ bf16 pairs
-  float* st;       // S^T, then P^T: kBlockK x BQ
-  float* o;        // O: BQ x dp
-  float* kc;       // K tile converted to fp32: kBlockK x D (fp16, or bf16 below AVX-512)
-  float* vc;       // V tile likewise, or the bf16 V pairs: (kBlockK / 2) x dp
-  uint32_t* pp;    // P pairs (bf16 path): (kBlockK / 2) x BQ
-  float* m;        // running max, sum, rescale factor, key position of each query
+// One thread's scratch for one head dim (sized for the largest query tile): the pieces a work
+// unit shares across its query heads (the K / V tile copies, S^T, the P pairs, the query
+// positions), then one set of per-head pieces per query head of the unit.
+struct HeadBuffers {
+  float* qt;     // Q^T: D x BQ fp32 (times the softmax scale), or (D / 2) x BQ bf16 pairs
+  float* o;      // O: BQ x dp
+  float* m;      // running max, sum and rescale factor of each query
   float* l;
   float* alpha;
-  float* pos;
-  float* mx;       // the key tile's per-query maximum, from the S^T micro-kernel (unmasked tiles)
-  int64_t dp;      // D rounded up to the vector width
+  float* mx;     // the key tile's per-query maximum, from the S^T micro-kernel (unmasked tiles)
 };
 
-constexpr int kPieces = 7;
-void piece_sizes(int64_t D, size_t (&sizes)[kPieces]) {
-  const int64_t dp = (D + W - 1) / W * W;
-  constexpr int64_t ld = kLd<kBlockQ>;
-  const size_t s[kPieces] = {size_t(D * ld), size_t(kBlockK * ld), size_t(kBlockQ * dp), size_t(kBlockK * D),
-                             size_t(kBlockK * std::max<int64_t>(D, dp)), size_t(kBlockK / 2 * ld), 5 * size_t(kBlockQ)};
-  for (int i = 0; i < kPieces; ++i) sizes[i] = (s[i] + 15) / 16 * 16;  // 64-byte aligned pieces
-}
+struct TileBuffers {
+  float* st;     // S^T, then P^T: kBlockK x BQ
+  float* kc;     // K tile: fp32 kBlockK x D (bf16 rows on the AVX512-BF16 path)
+  float* vc;     // V tile likewise, or the bf16 V pairs: (kBlockK / 2) x dp
+  uint32_t* pp;  // P pairs (bf16 path): (kBlockK / 2) x BQ
+  float* pos;    // key position of each query
+  float* heads;  // the per-head pieces, head_floats apart
+  size_t qt_floats, o_floats, head_floats;
+  int64_t dp;    // D rounded up to the vector width
 
-size_t scratch_floats(int64_t D) {
-  size_t sizes[kPieces], total = 0;
-  piece_sizes(D, sizes);
-  for (size_t s : sizes) total += s;
-  return total;
+  HeadBuffers head(int j) const {
+    float* b = heads + size_t(j) * head_floats;
+    float* stats = b + qt_floats + o_floats;
+    return {b, b + qt_floats, stats, stats + kBlockQ, stats + 2 * kBlockQ, stats + 3 * kBlockQ};
+  }
+};
+
+constexpr size_t aligned16(int64_t floats) { return (size_t(floats) + 15) / 16 * 16; }  // 64-byte pieces
+
+struct ScratchLayout {
+  size_t st, kc, vc, pp, pos, qt, o, stats;
+  explicit ScratchLayout(int64_t D) {
+    const int64_t dp = (D + W - 1) / W * W;
+    constexpr int64_t ld = kLd<kBlockQ>;
+    st = aligned16(kBlockK * ld), kc = aligned16(kBlockK * D), vc = aligned16(kBlockK * std::max<int64_t>(D, dp));
+    pp = aligned16(kBlockK / 2 * ld), pos = aligned16(kBlockQ);
+    qt = aligned16(D * ld), o = aligned16(kBlockQ * dp), stats = aligned16(4 * kBlockQ);
+  }
+  size_t shared() const { return st + kc + vc + pp + pos; }
+  size_t per_head() const { return qt + o + stats; }
+};
+
+size_t scratch_floats(int64_t D, int heads) {
+  const ScratchLayout s(D);
+  return s.shared() + size_t(heads) * s.per_head();
 }
 
 TileBuffers tile_buffers(float* base, int64_t D) {
-  size_t sizes[kPieces];
-  piece_sizes(D, sizes);
-  float* parts[kPieces];
-  for (int i = 0; i < kPieces; ++i) parts[i] = base, base += sizes[i];
+  const ScratchLayout s(D);
   TileBuffers t;
-  t.qt = parts[0], t.st = parts[1], t.o = parts[2], t.kc = parts[3], t.vc = parts[4];
-  t.pp = reinterpret_cast<uint32_t*>(parts[5]);
-  t.m = parts[6], t.l = parts[6] + kBlockQ, t.alpha = parts[6] + 2 * kBlockQ, t.pos = parts[6] + 3 * kBlockQ;
-  t.mx = parts[6] + 4 * kBlockQ;
+  t.st = base, base += s.st;
+  t.kc = base, base += s.kc;
+  t.vc = base, base += s.vc;
+  t.pp = reinterpret_cast<uint32_t*>(base), base += s.pp;
+  t.pos = base, base += s.pos;
+  t.heads = base;
+  t.qt_floats = s.qt, t.o_floats = s.o, t.head_floats = s.per_head();
   t.dp = (D + W - 1) / W * W;
   return t;
+}
+
+// Query heads per work unit: the unit copies each K / V tile once for all of them (GQA heads
+// share K and V), so more heads mean fewer copies, but each head keeps its Q^T and O (136 KB at
+// head dim 128) in the thread's L2. The largest divisor of the group whose pieces fit the budget.
+constexpr size_t kHeadScratchBudget = 640 << 10;  // bytes, of the 1-2 MB L2 of the cores we target
+int heads_per_unit(const FlashParams& p) {
+  const size_t per_head = ScratchLayout(p.head_dim).per_head() * sizeof(float);
+  const int64_t g = p.group();
+  int best = 1;
+  for (int64_t h = 1; h <= g; ++h)
+    if (g % h == 0 && size_t(h) * per_head <= kHeadScratchBudget) best = int(h);
+  return best;
 }
 
 // n rows of D elements (row stride `stride`) -> contiguous fp32.
@@ -233,33 +263,38 @@ constexpr bool kUseBF16Dot<bf16_t> = true;
 #endif
 
 // One work unit: queries [i0, i0 + nq) of head h of sequence b, nq <= BQ.
+// One work unit: queries [i0, i0 + nq) of query heads [h0, h0 + nh) (one kv head) of sequence b,
+// nq <= BQ.
 template <class T, int BQ>
-void query_tile(const FlashParams& p, int64_t b, int64_t h, int64_t i0, float* scratch) {
+void query_tile(const FlashParams& p, int64_t b, int64_t h0, int nh, int64_t i0, float* scratch) {
   const int64_t D = p.head_dim, sq = p.seqlen_q_of(b), sk = p.seqlen_k_of(b);
   const int nq = int(std::min<int64_t>(BQ, sq - i0));
-  const int64_t hk = h / p.group();
+  const int64_t hk = h0 / p.group();
   const int64_t qo = p.q_offset(b), ko = p.k_offset(b);
-  const T* q = static_cast<const T*>(p.q) + b * p.q_stride[0] + (qo + i0) * p.q_stride[1] + h * p.q_stride[2];
   const T* k = static_cast<const T*>(p.k) + b * p.k_stride[0] + ko * p.k_stride[1] + hk * p.k_stride[2];
   const T* v = static_cast<const T*>(p.v) + b * p.v_stride[0] + ko * p.v_stride[1] + hk * p.v_stride[2];
   const int64_t ks = p.k_stride[1], vs = p.v_stride[1], qs = p.q_stride[1];
 
   TileBuffers t = tile_buffers(scratch, D);
   const int64_t dp = t.dp;
-  for (int i = 0; i < BQ; ++i) t.m[i] = -INFINITY, t.l[i] = 0.f, t.pos[i] = float(i0 + i + sk - sq);
-  std::fill(t.o, t.o + BQ * dp, 0.f);
-
-  // Pack Q once: transposed fp32, or transposed bf16 (d, d+1) pairs; padding queries are 0.
-  if constexpr (kUseBF16Dot<T>) {
-    uint32_t* qp = reinterpret_cast<uint32_t*>(t.qt);
-    for (int i = 0; i < BQ; ++i)
-      for (int64_t d2 = 0; d2 < D / 2; ++d2) {
-        uint32_t w = 0;
-        if (i < nq) std::memcpy(&w, q + i * qs + 2 * d2, 4);
-        qp[d2 * kLdPairs<BQ> + i] = w;
-      }
-  } else {
-    pack_q_transposed<BQ>(q, qs, nq, D, p.scale, t.qt);
+  for (int i = 0; i < BQ; ++i) t.pos[i] = float(i0 + i + sk - sq);
+  for (int j = 0; j < nh; ++j) {
+    const HeadBuffers hb = t.head(j);
+    for (int i = 0; i < BQ; ++i) hb.m[i] = -INFINITY, hb.l[i] = 0.f;
+    std::fill(hb.o, hb.o + BQ * dp, 0.f);
+    // Pack Q once: transposed fp32, or transposed bf16 (d, d+1) pairs; padding queries are 0.
+    const T* q = static_cast<const T*>(p.q) + b * p.q_stride[0] + (qo + i0) * qs + (h0 + j) * p.q_stride[2];
+    if constexpr (kUseBF16Dot<T>) {
+      uint32_t* qp = reinterpret_cast<uint32_t*>(hb.qt);
+      for (int i = 0; i < BQ; ++i)
+        for (int64_t d2 = 0; d2 < D / 2; ++d2) {
+          uint32_t w = 0;
+          if (i < nq) std::memcpy(&w, q + i * qs + 2 * d2, 4);
+          qp[d2 * kLdPairs<BQ> + i] = w;
+        }
+    } else {
+      pack_q_transposed<BQ>(q, qs, nq, D, p.scale, hb.qt);
+    }
   }
 
   const FlashKeyRange first = flash_key_range(p, i0, sq, sk), last = flash_key_range(p, i0 + nq - 1, sq, sk);
@@ -267,7 +302,7 @@ void query_tile(const FlashParams& p, int64_t b, int64_t h, int64_t i0, float* s
   const int64_t lo = first.lo, hi = last.hi, all_lo = last.lo, all_hi = first.hi;
   // the fp32 Q^T carries the softmax scale; the bf16 pairs do not (rounding q * scale to bf16
   // would add an error the GPU kernels do not make)
-  ScoreRule rule{kUseBF16Dot<T> ? p.scale : 1.f, p.softcap, p.alibi_slope(b, h), false, p.window_left, p.right_bound()};
+  ScoreRule rule{kUseBF16Dot<T> ? p.scale : 1.f, p.softcap, 0.f, false, p.window_left, p.right_bound()};
 
   for (int64_t j0 = lo; j0 < hi; j0 += kBlockK) {
     const int n = int(std::min<int64_t>(kBlockK, hi - j0));
@@ -278,61 +313,77 @@ void query_tile(const FlashParams& p, int64_t b, int64_t h, int64_t i0, float* s
     const T* kt = k + j0 * ks;
     const T* vt = v + j0 * vs;
     // The next tile's K and V rows are a head-stride apart, which the hardware prefetchers
-    // follow poorly: ask for them into L2 now, so that copying them next time hits.
-    // (fp32 path: a few rows at a time between the micro-kernel blocks, V of this tile during
-    // S^T = K Q^T and K of the next tile during O += P V.)
+    // follow poorly: ask for them into L2 now, so that copying them next time hits (fp32 path:
+    // a few rows at a time between the micro-kernel blocks, K during S^T = K Q^T and V during
+    // O += P V of every head).
     const int n_next = j0 + kBlockK < hi ? int(std::min<int64_t>(kBlockK, hi - j0 - kBlockK)) : 0;
-    if (kUseBF16Dot<T> && n_next > 0) {
-      prefetch_rows(kt + kBlockK * ks, ks, n_next, D * int64_t(sizeof(T)));
-      prefetch_rows(vt + kBlockK * vs, vs, n_next, D * int64_t(sizeof(T)));
-    }
     if constexpr (kUseBF16Dot<T>) {
 #if defined(GK_SIMD_AVX512)
+      if (n_next > 0) {
+        prefetch_rows(kt + kBlockK * ks, ks, n_next, D * int64_t(sizeof(T)));
+        prefetch_rows(vt + kBlockK * vs, vs, n_next, D * int64_t(sizeof(T)));
+      }
       // K rows a head-stride apart alias in L1 (4 KB apart for 16 heads of 128): copy them
-      // next to each other first.
+      // next to each other first, once for all the unit's heads; V as (key, key+1) pairs.
       bf16_t* kc = reinterpret_cast<bf16_t*>(t.kc);
       for (int j = 0; j < n; ++j) std::memcpy(kc + j * D, kt + j * ks, D * sizeof(bf16_t));
-      qk_tile_bf16<BQ>(reinterpret_cast<const uint32_t*>(t.qt), kc, D, n, D, t.st, lim);
-      online_softmax<BQ, true>(rule, j0, t.pos, t.st, n, t.m, t.l, t.alpha, t.pp);
       uint32_t* vp = reinterpret_cast<uint32_t*>(t.vc);
       pack_v_pairs(vt, vs, n, D, dp, vp);
-      pv_tile_bf16<BQ>(t.pp, n, vp, t.alpha, t.o, dp, lim);
+      for (int j = 0; j < nh; ++j) {
+        const HeadBuffers hb = t.head(j);
+        rule.slope = p.alibi_slope(b, h0 + j);
+        qk_tile_bf16<BQ>(reinterpret_cast<const uint32_t*>(hb.qt), kc, D, n, D, t.st, lim);
+        online_softmax<BQ, true>(rule, j0, t.pos, t.st, n, hb.m, hb.l, hb.alpha, t.pp);
+        pv_tile_bf16<BQ>(t.pp, n, vp, hb.alpha, hb.o, dp, lim);
+      }
 #endif
     } else {
-      // fp32 copies of the K and V tiles: converts fp16 (and bf16 below AVX-512) once per tile,
-      // and puts rows that are a head-stride apart (aliasing in L1) next to each other.
-      RowPrefetcher pf;
+      // fp32 copies of the K and V tiles, once for all the unit's heads: converts fp16 (and bf16
+      // below AVX-512) once per tile, and puts rows that are a head-stride apart (aliasing in
+      // L1) next to each other.
       const int64_t row_bytes = D * int64_t(sizeof(T));
       rows_to_float(kt, ks, n, D, t.kc);
-      pf.start(vt, vs * int64_t(sizeof(T)), n, row_bytes, qk_steps<BQ>(n, D));
-      // unmasked tiles without softcap or ALiBi: the scores are S^T as computed, and their
-      // maximum comes out of the micro-kernel
-      float* tile_max = !rule.mask && rule.softcap <= 0.f && rule.slope == 0.f ? t.mx : nullptr;
-      qk_tile<BQ>(t.qt, t.kc, D, n, D, t.st, &pf, tile_max, lim);
-      online_softmax<BQ, false>(rule, j0, t.pos, t.st, n, t.m, t.l, t.alpha, nullptr, tile_max);
       rows_to_float(vt, vs, n, D, t.vc);
-      if (n_next > 0) pf.start(kt + kBlockK * ks, ks * int64_t(sizeof(T)), n_next, row_bytes, pv_steps<BQ>(D));
-      pv_tile<BQ>(t.st, n, t.vc, D, t.alpha, t.o, dp, D, n_next > 0 ? &pf : nullptr, lim);
+      RowPrefetcher pfk, pfv;
+      if (n_next > 0) {
+        pfk.start(kt + kBlockK * ks, ks * int64_t(sizeof(T)), n_next, row_bytes, nh * qk_steps<BQ>(n, D));
+        pfv.start(vt + kBlockK * vs, vs * int64_t(sizeof(T)), n_next, row_bytes, nh * pv_steps<BQ>(D));
+      }
+      for (int j = 0; j < nh; ++j) {
+        const HeadBuffers hb = t.head(j);
+        rule.slope = p.alibi_slope(b, h0 + j);
+        // unmasked tiles without softcap or ALiBi: the scores are S^T as computed, and their
+        // maximum comes out of the micro-kernel
+        float* tile_max = !rule.mask && rule.softcap <= 0.f && rule.slope == 0.f ? hb.mx : nullptr;
+        qk_tile<BQ>(hb.qt, t.kc, D, n, D, t.st, n_next > 0 ? &pfk : nullptr, tile_max, lim);
+        online_softmax<BQ, false>(rule, j0, t.pos, t.st, n, hb.m, hb.l, hb.alpha, nullptr, tile_max);
+        pv_tile<BQ>(t.st, n, t.vc, D, hb.alpha, hb.o, dp, D, n_next > 0 ? &pfv : nullptr, lim);
+      }
+      if (n_next > 0) pfk.finish(), pfv.finish();
     }
   }
 
   // Normalise with the shared softmax state; empty rows give 0 and lse -inf.
-  T* out = static_cast<T*>(p.out) + b * p.out_stride[0] + (qo + i0) * p.out_stride[1] + h * p.out_stride[2];
-  float* lse = p.lse ? p.lse + b * p.lse_stride[0] + h * p.lse_stride[1] + (qo + i0) * p.lse_stride[2] : nullptr;
-  for (int i = 0; i < nq; ++i) {
-    const SoftmaxStats stats{t.m[i], t.l[i]};
-    const VecF inv = VecF::set1(stats.inv_denominator());
-    const float* o = t.o + i * dp;
-    T* dst = out + i * p.out_stride[1];
-    int64_t d = 0;
-    for (; d + W <= D; d += W) (VecF::load(o + d) * inv).store(dst + d);
-    if (d < D) store_first(VecF::load(o + d) * inv, dst + d, int(D - d));
-    if (lse) lse[i * p.lse_stride[2]] = stats.lse();
+  for (int j = 0; j < nh; ++j) {
+    const HeadBuffers hb = t.head(j);
+    const int64_t h = h0 + j;
+    T* out = static_cast<T*>(p.out) + b * p.out_stride[0] + (qo + i0) * p.out_stride[1] + h * p.out_stride[2];
+    float* lse = p.lse ? p.lse + b * p.lse_stride[0] + h * p.lse_stride[1] + (qo + i0) * p.lse_stride[2] : nullptr;
+    for (int i = 0; i < nq; ++i) {
+      const SoftmaxStats stats{hb.m[i], hb.l[i]};
+      const VecF inv = VecF::set1(stats.inv_denominator());
+      const float* o = hb.o + i * dp;
+      T* dst = out + i * p.out_stride[1];
+      int64_t d = 0;
+      for (; d + W <= D; d += W) (VecF::load(o + d) * inv).store(dst + d);
+      if (d < D) store_first(VecF::load(o + d) * inv, dst + d, int(D - d));
+      if (lse) lse[i * p.lse_stride[2]] = stats.lse();
+    }
   }
 }
 
 struct WorkUnit {
-  int64_t b, h, i0, cost;
+  int64_t b, h0, i0, cost;
 };
 
 template <class T, int BQ>
@@ -343,8 +394,16 @@ void run_tiles(const FlashParams& p, int num_threads) {
   // come first (causal tiles near the bottom see the most keys), so that each group, and the
   // dynamic schedule, ends with cheap units; units of one query tile (the GQA heads of the group)
   // are adjacent and read the same K / V tiles at about the same time.
-  std::vector<WorkUnit> units;
+  // A unit takes nh query heads of its kv head (heads_per_unit), fewer if that would leave
+  // fewer than 4 units per thread.
   const int64_t group = p.group();
+  int64_t tiles = 0;
+  for (int64_t b = 0; b < p.batch; ++b) tiles += (p.seqlen_q_of(b) + BQ - 1) / BQ;
+  int nh = heads_per_unit(p);
+  while (nh > 1 && tiles * p.heads_kv * (group / nh) < 4 * int64_t(num_threads)) {
+    do --nh; while (group % nh);
+  }
+  std::vector<WorkUnit> units;
   for (int64_t b = 0; b < p.batch; ++b) {
     const int64_t sq = p.seqlen_q_of(b), sk = p.seqlen_k_of(b);
     for (int64_t hk = 0; hk < p.heads_kv; ++hk) {
@@ -353,7 +412,7 @@ void run_tiles(const FlashParams& p, int num_threads) {
         const int64_t nq = std::min<int64_t>(BQ, sq - i0);
         const FlashKeyRange first = flash_key_range(p, i0, sq, sk), last = flash_key_range(p, i0 + nq - 1, sq, sk);
         const int64_t cost = std::max<int64_t>(0, last.hi - first.lo) + 1;
-        for (int64_t h = hk * group; h < (hk + 1) * group; ++h) units.push_back({b, h, i0, cost});
+        for (int64_t h = hk * group; h < (hk + 1) * group; h += nh) units.push_back({b, h, i0, cost});
       }
       std::stable_sort(units.begin() + first_unit, units.end(),
                        [](const WorkUnit& a, const WorkUnit& c) { return a.cost > c.cost; });
@@ -361,11 +420,11 @@ void run_tiles(const FlashParams& p, int num_threads) {
   }
   const int64_t n = int64_t(units.size());
   const int threads = int(std::max<int64_t>(1, std::min<int64_t>(num_threads, n)));
-  const size_t per_thread = scratch_floats(p.head_dim);
+  const size_t per_thread = scratch_floats(p.head_dim, nh);
   float* scratch = t_workspace.get(per_thread * size_t(threads));  // may throw: before the region
 #pragma omp parallel for num_threads(threads) schedule(dynamic, 1) if (threads > 1)
   for (int64_t u = 0; u < n; ++u)
-    query_tile<T, BQ>(p, units[u].b, units[u].h, units[u].i0, scratch + per_thread * size_t(omp_get_thread_num()));
+    query_tile<T, BQ>(p, units[u].b, units[u].h0, nh, units[u].i0, scratch + per_thread * size_t(omp_get_thread_num()));
 }
 
 // The short query tile where it measured faster on the 2-core AVX-512 box (single thread, CPU

@@ -169,7 +169,7 @@ inline void qk_tile_chunk(const float* qt, const TK* k, int64_t k_stride, int n,
     qk_rest<BQ, R - 1, kAccumulate, kMax>(qt, k + j * k_stride, k_stride, n - j, D, st + j * kLd<BQ>, mx, lim, j, n);
 }
 
-// pf (optional): prefetcher stepped once per key block, (n / kQKRows) * qk_steps(D, BQ) times.
+// pf (optional): prefetcher stepped once per key block, qk_steps(n, D) times; the caller finishes it.
 template <int BQ>
 constexpr int64_t qk_depth() { return kQKDepth * kBlockQ / BQ; }
 template <int BQ>
@@ -194,7 +194,6 @@ inline void qk_tile(const float* qt, const TK* k, int64_t k_stride, int n, int64
       qk_tile_chunk<true, false, BQ>(qt + d0 * kLd<BQ>, k + d0, k_stride, n, dd, st, pf, mx, lim);
     }
   }
-  if (pf) pf->finish();
 }
 
 // ---------------------------------------------------------------------------------- O += P V
@@ -247,7 +246,7 @@ GK_INLINE void pv_rows(const float* pt, int n, const TV* v, int64_t v_stride, co
 // head-dim chunk is the outer loop: its slice of the V tile (64 keys x 64 floats, 16 KB) stays
 // in L1 while every query row block streams over it. (Row blocks outer, V tile and the block's
 // P^T columns in L1, measured no faster.)
-// pf (optional): prefetcher stepped once per 6-row block of the full head-dim chunks,
+// pf (optional; the caller finishes it): prefetcher stepped once per 6-row block of the full head-dim chunks,
 // (BQ / kPVRows) * (D / (kPVVecs * W)) times.
 template <int BQ>
 inline int pv_steps(int64_t D) { return BQ / kPVRows * int(D / (kPVVecs * W)); }
@@ -259,7 +258,6 @@ inline void pv_tile(const float* pt, int n, const TV* v, int64_t v_stride, const
   const int tail = int(D % W);
   int64_t d = 0;
   for (; d + DC <= D; d += DC) pv_rows<BQ, kPVVecs, false>(pt, n, v + d, v_stride, alpha, o + d, o_stride, 0, pf, lim);
-  if (pf) pf->finish();
   for (; d + W <= D; d += W) pv_rows<BQ, 1, false>(pt, n, v + d, v_stride, alpha, o + d, o_stride, 0, nullptr, lim);
   if (tail) pv_rows<BQ, 1, true>(pt, n, v + d, v_stride, alpha, o + d, o_stride, tail, nullptr, lim);
 }
