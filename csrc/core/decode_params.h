@@ -14,6 +14,7 @@
 #include <cmath>
 #include <cstdint>
 #include "core/common.h"
+#include "core/merge_params.h"
 
 namespace gk {
 
@@ -94,6 +95,26 @@ GK_HOST_DEVICE GK_INLINE KeyRange split_range(KeyRange r, int split, int num_spl
   const int64_t lo = r.lo + chunk * split < r.hi ? r.lo + chunk * split : r.hi;
   const int64_t hi = lo + chunk < r.hi ? lo + chunk : r.hi;
   return {lo, hi};
+}
+
+// The split-KV partials as the merge op's input (core/merge_params.h): partial sp of row
+// (b, s, h) at partial_out[sp][b][s][h][:] (fp32) with log-sum-exp partial_lse[sp][b][h][s]; the
+// destination is the decode output and LSE. Both the CPU and the CUDA decode kernels combine
+// their splits with the merge kernel through this.
+inline MergeStatesParams split_partials_as_merge_input(const DecodeParams& p) {
+  const int64_t Sq = p.seqlen_q, Hq = p.heads_q, D = p.head_dim, rows = p.batch * Sq * Hq;
+  MergeStatesParams m;
+  m.num_partials = p.num_splits;
+  m.out_first = p.partial_out, m.out_rest = p.partial_out + rows * D, m.out_partial_stride = rows * D;
+  m.lse_first = p.partial_lse, m.lse_rest = p.partial_lse + rows, m.lse_partial_stride = rows;
+  m.batch = p.batch, m.seqlen = Sq, m.heads = Hq, m.head_dim = D;
+  const int64_t out_stride[3] = {Sq * Hq * D, Hq * D, D}, lse_stride[3] = {Hq * Sq, Sq, 1};
+  for (int i = 0; i < 3; ++i) {
+    m.out_first_stride[i] = m.out_rest_stride[i] = out_stride[i];
+    m.lse_first_stride[i] = m.lse_rest_stride[i] = lse_stride[i];
+  }
+  m.dst_out = p.out, m.dst_lse = p.lse;
+  return m;
 }
 
 // KV append: k_new/v_new (batch, seqlen_new, heads_kv, head_dim) written at token

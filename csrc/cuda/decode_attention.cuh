@@ -8,14 +8,14 @@
 // elements, the dot product is a butterfly warp reduction, and every lane keeps the same
 // SoftmaxStats (csrc/core) per row plus its head_dim / 32 slice of the row's accumulator. The
 // four warps' states are merged through shared memory at the end. With one split the block
-// writes the output and LSE; with more it writes fp32 partials that decode_combine_kernel
-// merges (SoftmaxStats again, as the merge op). Traffic: the visible K and V once per row block.
+// writes the output and LSE; with more it writes fp32 partials that the merge op's kernel
+// (merge_attention_states.cuh) combines. Traffic: the visible K and V once per row block.
 // Numerics: fp32 scores, softmax and accumulation; output rounded once.
 // Untrusted indices: the host does not check device-resident cache_seqlens / block_table (that
 // would synchronise), so the kernel does: a length outside [0, capacity] or a page index outside
 // [0, num_pages) among the pages a block reads makes that sequence an error state: nothing
 // outside the pool is addressed (the copy is zero-filled instead), and its output rows and LSE
-// are NaN (the combine propagates a NaN partial). Other sequences are unaffected.
+// are NaN (the merge propagates a NaN partial). Other sequences are unaffected.
 // Shared memory (DecodeTraits::kSmemBytes): 16-32 KiB, 64 KiB for fp32 with head dim 256.
 // kernel-report: dynamic-smem decode_attention_kernel 65536
 //
@@ -27,7 +27,7 @@
 // with mma.m16n8k16 (Q and K by ldmatrix), online softmax per row in base 2 with the scale folded
 // into one FFMA (or decode_score in log2 units for softcap / ALiBi), P rounded to 16 bits as the
 // A operand of O += P.V (V by ldmatrix.trans). The warps' states merge through shared memory and
-// the output / fp32 partials are written as by the scalar kernel (same combine kernel).
+// the output / fp32 partials are written as by the scalar kernel (same merge afterwards).
 // kernel-report: dynamic-smem decode_attention_mma_kernel 78336
 #pragma once
 #include <algorithm>
@@ -36,6 +36,7 @@
 #include "core/decode_params.h"
 #include "core/softmax_state.h"
 #include "cuda/compat.cuh"
+#include "cuda/merge_attention_states.cuh"
 #include "cuda/mma_fragments.cuh"
 #include "cuda/ptx.cuh"
 
@@ -494,33 +495,6 @@ __global__ void __launch_bounds__(DecodeMmaTraits<T, kHeadDim>::kThreads, 1)
                                                                block_bad_index != 0, tid);
 }
 
-// Combines the fp32 split partials into the output: one thread per output element.
-template <class T>
-__global__ void __launch_bounds__(256) decode_combine_kernel(const DecodeParams p) {
-  const int64_t rows = p.batch * p.seqlen_q * p.heads_q, D = p.head_dim;
-  for (int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; idx < rows * D; idx += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t row = idx / D, d = idx % D;
-    const int64_t h = row % p.heads_q, s = (row / p.heads_q) % p.seqlen_q, b = row / (p.heads_q * p.seqlen_q);
-    const int64_t lse_idx = (b * p.heads_q + h) * p.seqlen_q + s;
-    SoftmaxStats st;
-    bool error_state = false;  // a split met a bad index (NaN LSE): the row is NaN, not that split dropped
-    for (int sp = 0; sp < p.num_splits; ++sp) {
-      const float lse = p.partial_lse[sp * rows + lse_idx];
-      error_state |= lse != lse;
-      st.merge_partial(lse);
-    }
-    const float inv_d = st.inv_denominator();
-    float o = 0.f;
-    for (int sp = 0; sp < p.num_splits; ++sp) {
-      const float lse = p.partial_lse[sp * rows + lse_idx];
-      if (lse == -INFINITY) continue;
-      o += st.partial_weight(lse, inv_d) * p.partial_out[(sp * rows + row) * D + d];
-    }
-    static_cast<T*>(p.out)[idx] = from_float<T>(error_state ? NAN : o);
-    if (d == 0 && p.lse) p.lse[lse_idx] = error_state ? NAN : st.lse();
-  }
-}
-
 // Launcher for one head dim. Returns a cudaError_t as int (1 = invalid value for pointers or
 // strides that do not allow 16-byte copies); launches nothing for an empty problem.
 template <class T, int kHeadDim>
@@ -558,10 +532,9 @@ int decode_attention_hd(const DecodeParams& p, void* stream) {
     if (int err = GK_LAUNCH_KERNEL(kernel, grid, dim3(Tr::kThreads), Tr::kSmemBytes, stream, p)) return err;
   }
   if (p.num_splits == 1) return 0;
-  const int64_t total = p.batch * rows * p.heads_kv * p.head_dim;
-  const int64_t blocks = std::min<int64_t>((total + 255) / 256, int64_t(1) << 16);
-  auto combine = decode_combine_kernel<T>;
-  return GK_LAUNCH_KERNEL(combine, dim3(unsigned(blocks)), dim3(256), 0, stream, p);
+  // Split-KV: the merge op's kernel combines the fp32 partials into the output (a split's NaN
+  // log-sum-exp, the error state, makes the row NaN there as in the merge op).
+  return merge_states<float, T>(split_partials_as_merge_input(p), stream);
 }
 
 // The head dims with a compiled kernel; the rows of python/genkernels/tools/instantiations.py

@@ -22,7 +22,9 @@ struct alignas(sizeof(T) * VEC) Chunk {
   T v[VEC];
 };
 
-template <class T, int VEC>
+// Partials of type T, output of type TOut (the merge op: TOut = T; decode's split-KV combine:
+// fp32 partials into the output dtype).
+template <class T, class TOut, int VEC>
 __global__ void __launch_bounds__(256) merge_attention_states_kernel(const MergeStatesParams p) {
   const int64_t chunks_per_row = p.head_dim / VEC;
   const int64_t total = p.rows() * chunks_per_row;
@@ -56,23 +58,24 @@ __global__ void __launch_bounds__(256) merge_attention_states_kernel(const Merge
 #pragma unroll
       for (int k = 0; k < VEC; ++k) acc[k] += w * to_float(x.v[k]);
     }
-    Chunk<T, VEC> y;
+    Chunk<TOut, VEC> y;
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) y.v[k] = from_float<T>(acc[k]);
-    *reinterpret_cast<Chunk<T, VEC>*>(static_cast<T*>(p.dst_out) + r * p.head_dim + c * VEC) = y;
+    for (int k = 0; k < VEC; ++k) y.v[k] = from_float<TOut>(acc[k]);
+    *reinterpret_cast<Chunk<TOut, VEC>*>(static_cast<TOut*>(p.dst_out) + r * p.head_dim + c * VEC) = y;
     if (c == 0 && p.dst_lse) p.dst_lse[(b * H + h) * S + s] = stats.lse();
   }
 }
 
-// Launcher. Returns a cudaError_t as int; launches nothing for an empty problem.
-template <class T>
-int merge_attention_states(const MergeStatesParams& p, void* stream) {
-  constexpr int kVec = 16 / sizeof(T);
+// Launcher for T partials into a TOut output. Returns a cudaError_t as int; launches nothing for
+// an empty problem.
+template <class T, class TOut>
+int merge_states(const MergeStatesParams& p, void* stream) {
+  constexpr int kVec = 16 / sizeof(T);  // one 16-byte load per partial chunk
   constexpr int kThreads = 256;
   if (p.rows() == 0 || p.head_dim == 0) return 0;
-  auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
-  bool vectorised = p.head_dim % kVec == 0 && aligned(p.out_first) && aligned(p.dst_out) &&
-                    (p.num_partials < 2 || (aligned(p.out_rest) && p.out_partial_stride % kVec == 0));
+  auto aligned = [](const void* ptr, size_t bytes) { return reinterpret_cast<uintptr_t>(ptr) % bytes == 0; };
+  bool vectorised = p.head_dim % kVec == 0 && aligned(p.out_first, 16) && aligned(p.dst_out, kVec * sizeof(TOut)) &&
+                    (p.num_partials < 2 || (aligned(p.out_rest, 16) && p.out_partial_stride % kVec == 0));
   for (int k = 0; k < 3; ++k)
     vectorised = vectorised && p.out_first_stride[k] % kVec == 0 && (p.num_partials < 2 || p.out_rest_stride[k] % kVec == 0);
   const int vec = vectorised ? kVec : 1;
@@ -80,11 +83,17 @@ int merge_attention_states(const MergeStatesParams& p, void* stream) {
   // Enough blocks to fill any current GPU several times over; the grid-stride loop does the rest.
   const int64_t blocks = std::min<int64_t>((total + kThreads - 1) / kThreads, int64_t(1) << 16);
   if (vectorised) {
-    auto kernel = merge_attention_states_kernel<T, kVec>;
+    auto kernel = merge_attention_states_kernel<T, TOut, kVec>;
     return GK_LAUNCH_KERNEL(kernel, dim3(unsigned(blocks)), dim3(kThreads), 0, stream, p);
   }
-  auto kernel = merge_attention_states_kernel<T, 1>;
+  auto kernel = merge_attention_states_kernel<T, TOut, 1>;
   return GK_LAUNCH_KERNEL(kernel, dim3(unsigned(blocks)), dim3(kThreads), 0, stream, p);
+}
+
+// The merge op.
+template <class T>
+int merge_attention_states(const MergeStatesParams& p, void* stream) {
+  return merge_states<T, T>(p, stream);
 }
 
 }  // namespace gk::GK_CUDA_NS

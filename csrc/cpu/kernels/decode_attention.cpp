@@ -12,8 +12,8 @@
 // csrc/core (SoftmaxStats, vector exp) and the P.V accumulation (fp32) reuse that tile.
 // Traffic: the visible part of K and V once, q and out once. Split-KV (batch smaller than the
 // thread count, or not a multiple of it) writes fp32 partials (normalised output + log-sum-exp)
-// that a second pass combines with SoftmaxStats, exactly as the merge op does. OpenMP over the
-// work items; compiled once per ISA level.
+// that a second pass combines with the merge op's row merge (cpu/kernels/merge_row.h). OpenMP
+// over the work items; compiled once per ISA level.
 #include <algorithm>
 #include <cmath>
 #include <type_traits>
@@ -21,6 +21,7 @@
 #include "core/decode_params.h"
 #include "core/softmax_state.h"
 #include "cpu/kernels.h"
+#include "cpu/kernels/merge_row.h"
 #include "cpu/simd.h"
 
 namespace gk::cpu::GK_CPU_ISA_NS {
@@ -275,36 +276,6 @@ void finish_rows(const DecodeParams& p, Scratch& sc, int64_t b, int split, int64
   }
 }
 
-// Combines the fp32 split partials of one row (b, s, h) into the output, as the merge op does.
-template <class T>
-void combine_row(const DecodeParams& p, int64_t row, int64_t lse_idx) {
-  const int64_t D = p.head_dim, rows = p.batch * p.seqlen_q * p.heads_q;
-  SoftmaxStats stats;
-  for (int sp = 0; sp < p.num_splits; ++sp) stats.merge_partial(p.partial_lse[sp * rows + lse_idx]);
-  const float inv_d = stats.inv_denominator();
-  if (p.lse) p.lse[lse_idx] = stats.lse();
-  T* out = static_cast<T*>(p.out) + row * D;
-  int64_t d0 = 0;
-  for (; d0 + W <= D; d0 += W) {
-    VecF acc = VecF::zero();
-    for (int sp = 0; sp < p.num_splits; ++sp) {
-      const float lse = p.partial_lse[sp * rows + lse_idx];
-      if (lse == -INFINITY) continue;
-      acc = fmadd(VecF::set1(stats.partial_weight(lse, inv_d)), VecF::load(p.partial_out + (sp * rows + row) * D + d0), acc);
-    }
-    acc.store(out + d0);
-  }
-  for (; d0 < D; ++d0) {
-    float acc = 0.f;
-    for (int sp = 0; sp < p.num_splits; ++sp) {
-      const float lse = p.partial_lse[sp * rows + lse_idx];
-      if (lse == -INFINITY) continue;
-      acc += stats.partial_weight(lse, inv_d) * p.partial_out[(sp * rows + row) * D + d0];
-    }
-    out[d0] = from_float<T>(acc);
-  }
-}
-
 }  // namespace
 
 // Splits per sequence when the caller passes 0: none when the sequences already share out
@@ -340,10 +311,14 @@ void decode_attention(const DecodeParams& params, int num_threads) {
   for (int64_t b = 0; b < p.batch; ++b) keys += p.cache_seqlens[b];
   const bool small = keys * rows * p.head_dim < (int64_t(1) << 16);
   const int threads = small ? 1 : int(std::max<int64_t>(1, std::min<int64_t>(num_threads, items)));
+  // Split-KV: the partials are combined row by row by the merge kernel's row merge
+  // (merge_row.h), fp32 partials into the output dtype.
   const int64_t out_rows = p.batch * p.seqlen_q * p.heads_q;
+  const MergeStatesParams mp = p.num_splits > 1 ? split_partials_as_merge_input(p) : MergeStatesParams{};
   auto combine = [&](int64_t row) {
     const int64_t h = row % p.heads_q, s = (row / p.heads_q) % p.seqlen_q, b = row / (p.heads_q * p.seqlen_q);
-    combine_row<T>(p, row, (b * p.heads_q + h) * p.seqlen_q + s);
+    float* lse = p.lse ? p.lse + (b * p.heads_q + h) * p.seqlen_q + s : nullptr;
+    merge::merge_row<float, T>(mp, b, s, h, static_cast<T*>(p.out) + row * p.head_dim, lse);
   };
   if (threads == 1) {  // no OpenMP region at all: entering one costs about a microsecond
     Scratch& sc = thread_scratch(rows, dp);
