@@ -162,7 +162,7 @@ void tile_softmax(const DecodeParams& p, Scratch& sc, const RowLayout& rl, int64
     VecF sum = VecF::zero();
     for (int i = 0; i < nk; ++i) {
       float* sp = st + i * rl.NRP + c;
-      const VecF e = vexp(VecF::load(sp) - r.base);
+      const VecF e = vexp_nonpos(VecF::load(sp) - r.base);
       e.store(sp);
       sum = sum + e;
     }

@@ -235,8 +235,8 @@ void online_softmax(const ScoreRule& rule, int64_t j0, const float* pos, float* 
     if constexpr (kPairs) {
 #if defined(GK_SIMD_AVX512)
       for (int j = 0; j < n; j += 2) {
-        const VecF p0 = vexp(VecF::load(st + j * kLdS + c) - r.base);
-        const VecF p1 = j + 1 < n ? vexp(VecF::load(st + (j + 1) * kLdS + c) - r.base) : VecF::zero();
+        const VecF p0 = vexp_nonpos(VecF::load(st + j * kLdS + c) - r.base);
+        const VecF p1 = j + 1 < n ? vexp_nonpos(VecF::load(st + (j + 1) * kLdS + c) - r.base) : VecF::zero();
         sum = sum + (p0 + p1);
         VecBF16Pairs::interleave(p0, p1).store(pp + (j / 2) * kLdS + c);
       }
@@ -244,7 +244,7 @@ void online_softmax(const ScoreRule& rule, int64_t j0, const float* pos, float* 
     } else {
       for (int j = 0; j < n; ++j) {
         float* s = st + j * kLdS + c;
-        const VecF p = vexp(VecF::load(s) - r.base);
+        const VecF p = vexp_nonpos(VecF::load(s) - r.base);
         p.store(s);
         sum = sum + p;
       }
