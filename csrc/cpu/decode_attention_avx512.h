@@ -6,12 +6,13 @@
 //    head, four ascending runs at once. (The first version walked one head over 16 tokens, then
 //    the next head: sixteen 256-512-byte runs a page apart at a time. A plain sum over that order
 //    reads ~40% slower than over memory order on this machine's EPYC.)
-//  - Prefetch. While a tile computes, the next tile's keys and values are prefetched into L2
-//    (PREFETCHT1) a few lines per inner-loop step, spread evenly over the tile's work, in memory
-//    order. Bursts of a whole row, or prefetches into L1 (which has few miss buffers), did not
-//    help; spread L2 prefetches raised cold-cache throughput by 1.2x (fp32) to 1.6x (bf16,
-//    paged) on this machine, paged caches included, since the page table is looked up a tile
-//    ahead.
+//  - Prefetch. While a tile computes, the next tile's keys and values are prefetched
+//    (PREFETCHT0) a few lines per inner-loop step, spread evenly over the tile's work, in memory
+//    order; paged caches included, since the page table is looked up a tile ahead. Bursts of a
+//    whole row did not help; spread prefetches raised cold-cache throughput by 1.2x (fp32) to
+//    1.6x (bf16, paged) on this machine, and T0 measured 3-10% above T1 (L2 only), most for
+//    paged caches (paged / contiguous 0.93-0.96 against 0.88-0.89 at 16k tokens), whose next
+//    page the hardware prefetchers cannot guess.
 //  - Scores. Query rows sit on SIMD lanes (S^T: token x row, as in the flash kernel): a 4-token
 //    x 4-row block of dot products accumulates in 16 registers and one transpose reduction
 //    turns it into 16 scores. Rows are flattened over (kv head, seqlen_q, group); when a head
@@ -23,7 +24,7 @@
 //    every row of the head accumulates into its fp32 output row (in L1).
 #pragma once
 #if defined(GK_SIMD_AVX512)
-// Prefetches the (token, kv head) rows of one tile into L2, `per_step` cache lines per call of
+// Prefetches the (token, kv head) rows of one tile, `per_step` cache lines per call of
 // step(), in memory order (token by token, heads in order), so that the prefetches spread
 // evenly over the loop that calls it.
 struct TilePrefetcher {
@@ -38,7 +39,7 @@ struct TilePrefetcher {
         per_step(steps > 0 ? (n * h * row_lines + steps - 1) / steps : 0) {}
   GK_INLINE void step() {
     for (int64_t i = 0; i < per_step && token < tokens; ++i) {
-      _mm_prefetch(base + token_off[token] + head * head_stride + line * 64, _MM_HINT_T1);
+      _mm_prefetch(base + token_off[token] + head * head_stride + line * 64, _MM_HINT_T0);
       if (++line == row_lines) {
         line = 0;
         if (++head == heads) head = 0, ++token;
@@ -240,7 +241,7 @@ void decode_work_item_avx512(const DecodeParams& p, Scratch& sc, int64_t b, cons
       koff[j] = cache_token_offset(p.block_table, p.block_table_stride, p.page_size, p.k_stride, b, t);
       voff[j] = cache_token_offset(p.block_table, p.block_table_stride, p.page_size, p.v_stride, b, t);
     }
-    // the next tile's rows, prefetched into L2 during this tile's K and V loops
+    // the next tile's rows, prefetched during this tile's K and V loops
     const int64_t tn = t0 + kTileA;
     const int nn = int(std::max<int64_t>(0, std::min<int64_t>(kTileA, split_keys.hi - tn)));
     for (int j = 0; j < nn; ++j) {
