@@ -186,13 +186,16 @@ def test_softmax_scale_and_no_lse(rng):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d)[6:])
-def test_thread_counts_agree(rng, dtype):
-    q, k, v = make_qkv(rng, 2, 150, 150, 4, 2, 64, dtype)
+@pytest.mark.parametrize("window", [(-1, -1), (40, -1)])
+def test_thread_counts_agree(rng, dtype, window):
+    """Work units (heads x query tiles sharing K / V copies) are shaped by the thread count; the
+    result must not depend on it, sliding windows (query tiles with different first keys) included."""
+    q, k, v = make_qkv(rng, 1, 600, 600, 4, 2, 64, dtype)  # 1 thread: 4 query tiles per unit, 2: 3
     results = []
     for threads in (1, 2):
         gk.set_num_threads(threads)
         try:
-            results.append(gk.flash_attention(q, k, v, causal=True, return_lse=True))
+            results.append(gk.flash_attention(q, k, v, causal=True, window=window, return_lse=True))
         finally:
             gk.set_num_threads(None)
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])

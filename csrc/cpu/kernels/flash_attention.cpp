@@ -58,15 +58,16 @@ struct Workspace {
 thread_local Workspace t_workspace;
 
 // One thread's scratch for one head dim (sized for the largest query tile): the pieces a work
-// unit shares across its query heads (the K / V tile copies, S^T, the P pairs, the query
-// positions), then one set of per-head pieces per query head of the unit.
-struct HeadBuffers {
+// unit shares across its slots (the K / V tile copies, S^T, the P pairs), then one set of pieces
+// per slot (one query tile of one query head).
+struct SlotBuffers {
   float* qt;     // Q^T: D x BQ fp32 (times the softmax scale), or (D / 2) x BQ bf16 pairs
   float* o;      // O: BQ x dp
   float* m;      // running max, sum and rescale factor of each query
   float* l;
   float* alpha;
   float* mx;     // the key tile's per-query maximum, from the S^T micro-kernel (unmasked tiles)
+  float* pos;    // key position of each query
 };
 
 struct TileBuffers {
@@ -74,36 +75,35 @@ struct TileBuffers {
   float* kc;     // K tile: fp32 kBlockK x D (bf16 rows on the AVX512-BF16 path)
   float* vc;     // V tile likewise, or the bf16 V pairs: (kBlockK / 2) x dp
   uint32_t* pp;  // P pairs (bf16 path): (kBlockK / 2) x BQ
-  float* pos;    // key position of each query
-  float* heads;  // the per-head pieces, head_floats apart
-  size_t qt_floats, o_floats, head_floats;
+  float* slots;  // the per-slot pieces, slot_floats apart
+  size_t qt_floats, o_floats, slot_floats;
   int64_t dp;    // D rounded up to the vector width
 
-  HeadBuffers head(int j) const {
-    float* b = heads + size_t(j) * head_floats;
+  SlotBuffers slot(int j) const {
+    float* b = slots + size_t(j) * slot_floats;
     float* stats = b + qt_floats + o_floats;
-    return {b, b + qt_floats, stats, stats + kBlockQ, stats + 2 * kBlockQ, stats + 3 * kBlockQ};
+    return {b, b + qt_floats, stats, stats + kBlockQ, stats + 2 * kBlockQ, stats + 3 * kBlockQ, stats + 4 * kBlockQ};
   }
 };
 
 constexpr size_t aligned16(int64_t floats) { return (size_t(floats) + 15) / 16 * 16; }  // 64-byte pieces
 
 struct ScratchLayout {
-  size_t st, kc, vc, pp, pos, qt, o, stats;
+  size_t st, kc, vc, pp, qt, o, stats;
   explicit ScratchLayout(int64_t D) {
     const int64_t dp = (D + W - 1) / W * W;
     constexpr int64_t ld = kLd<kBlockQ>;
     st = aligned16(kBlockK * ld), kc = aligned16(kBlockK * D), vc = aligned16(kBlockK * std::max<int64_t>(D, dp));
-    pp = aligned16(kBlockK / 2 * ld), pos = aligned16(kBlockQ);
-    qt = aligned16(D * ld), o = aligned16(kBlockQ * dp), stats = aligned16(4 * kBlockQ);
+    pp = aligned16(kBlockK / 2 * ld);
+    qt = aligned16(D * ld), o = aligned16(kBlockQ * dp), stats = aligned16(5 * kBlockQ);
   }
-  size_t shared() const { return st + kc + vc + pp + pos; }
-  size_t per_head() const { return qt + o + stats; }
+  size_t shared() const { return st + kc + vc + pp; }
+  size_t per_slot() const { return qt + o + stats; }
 };
 
-size_t scratch_floats(int64_t D, int heads) {
+size_t scratch_floats(int64_t D, int slots) {
   const ScratchLayout s(D);
-  return s.shared() + size_t(heads) * s.per_head();
+  return s.shared() + size_t(slots) * s.per_slot();
 }
 
 TileBuffers tile_buffers(float* base, int64_t D) {
@@ -113,24 +113,29 @@ TileBuffers tile_buffers(float* base, int64_t D) {
   t.kc = base, base += s.kc;
   t.vc = base, base += s.vc;
   t.pp = reinterpret_cast<uint32_t*>(base), base += s.pp;
-  t.pos = base, base += s.pos;
-  t.heads = base;
-  t.qt_floats = s.qt, t.o_floats = s.o, t.head_floats = s.per_head();
+  t.slots = base;
+  t.qt_floats = s.qt, t.o_floats = s.o, t.slot_floats = s.per_slot();
   t.dp = (D + W - 1) / W * W;
   return t;
 }
 
-// Query heads per work unit: the unit copies each K / V tile once for all of them (GQA heads
-// share K and V), so more heads mean fewer copies, but each head keeps its Q^T and O (136 KB at
-// head dim 128) in the thread's L2. The largest divisor of the group whose pieces fit the budget.
-constexpr size_t kHeadScratchBudget = 640 << 10;  // bytes, of the 1-2 MB L2 of the cores we target
-int heads_per_unit(const FlashParams& p) {
-  const size_t per_head = ScratchLayout(p.head_dim).per_head() * sizeof(float);
+// Slots per work unit: the unit copies each K / V tile once for all of them, so more slots mean
+// fewer copies, but each slot keeps its Q^T and O (136 KB at head dim 128) in the thread's L2.
+// Slots are the GQA heads of one kv head first (the largest divisor of the group that fits the
+// budget), then adjacent query tiles of those heads, which see nearly the same keys.
+constexpr size_t kSlotScratchBudget = 640 << 10;  // bytes, of the 1-2 MB L2 of the cores we target
+constexpr int kMaxTilesPerUnit = 4, kMaxSlots = 64;
+struct UnitShape {
+  int heads, tiles;
+};
+UnitShape unit_shape(const FlashParams& p) {
+  const size_t per_slot = ScratchLayout(p.head_dim).per_slot() * sizeof(float);
   const int64_t g = p.group();
-  int best = 1;
+  const int64_t fit = std::clamp<int64_t>(int64_t(kSlotScratchBudget / per_slot), 1, kMaxSlots);
+  int heads = 1;
   for (int64_t h = 1; h <= g; ++h)
-    if (g % h == 0 && size_t(h) * per_head <= kHeadScratchBudget) best = int(h);
-  return best;
+    if (g % h == 0 && h <= fit) heads = int(h);
+  return {heads, int(std::max<int64_t>(1, std::min<int64_t>(kMaxTilesPerUnit, fit / heads)))};
 }
 
 // n rows of D elements (row stride `stride`) -> contiguous fp32.
@@ -263,12 +268,14 @@ constexpr bool kUseBF16Dot<bf16_t> = true;
 #endif
 
 // One work unit: queries [i0, i0 + nq) of head h of sequence b, nq <= BQ.
-// One work unit: queries [i0, i0 + nq) of query heads [h0, h0 + nh) (one kv head) of sequence b,
-// nq <= BQ.
+// One work unit of sequence b: query heads [h0, h0 + nh) (one kv head) x query tiles
+// [i0, i0 + nt * BQ) (each tile BQ queries or the rest of the sequence). Its slots are the
+// (tile, head) pairs; each K / V tile is copied once and serves every slot that sees it.
 template <class T, int BQ>
-void query_tile(const FlashParams& p, int64_t b, int64_t h0, int nh, int64_t i0, float* scratch) {
+void query_tile(const FlashParams& p, int64_t b, int64_t h0, int nh, int64_t i0, int nt, float* scratch) {
   const int64_t D = p.head_dim, sq = p.seqlen_q_of(b), sk = p.seqlen_k_of(b);
-  const int nq = int(std::min<int64_t>(BQ, sq - i0));
+  nt = int(std::min<int64_t>(nt, (sq - i0 + BQ - 1) / BQ));
+  const int slots = nh * nt;
   const int64_t hk = h0 / p.group();
   const int64_t qo = p.q_offset(b), ko = p.k_offset(b);
   const T* k = static_cast<const T*>(p.k) + b * p.k_stride[0] + ko * p.k_stride[1] + hk * p.k_stride[2];
@@ -277,45 +284,72 @@ void query_tile(const FlashParams& p, int64_t b, int64_t h0, int nh, int64_t i0,
 
   TileBuffers t = tile_buffers(scratch, D);
   const int64_t dp = t.dp;
-  for (int i = 0; i < BQ; ++i) t.pos[i] = float(i0 + i + sk - sq);
-  for (int j = 0; j < nh; ++j) {
-    const HeadBuffers hb = t.head(j);
-    for (int i = 0; i < BQ; ++i) hb.m[i] = -INFINITY, hb.l[i] = 0.f;
-    std::fill(hb.o, hb.o + BQ * dp, 0.f);
+  // Per slot: its head and first query, and the keys some / all of its queries see (the unit
+  // walks the union; a tile beyond a slot's keys skips the slot, one crossing them is masked).
+  struct SlotInfo {
+    int64_t h, q0;
+    int nq;
+    int64_t lo, hi, all_lo, all_hi;
+  };
+  SlotInfo info[kMaxSlots];
+  int64_t lo = sk, hi = 0;
+  for (int j = 0; j < slots; ++j) {
+    SlotInfo& si = info[j];
+    si.h = h0 + j % nh, si.q0 = i0 + int64_t(j / nh) * BQ, si.nq = int(std::min<int64_t>(BQ, sq - si.q0));
+    const FlashKeyRange first = flash_key_range(p, si.q0, sq, sk), last = flash_key_range(p, si.q0 + si.nq - 1, sq, sk);
+    si.lo = first.lo, si.hi = last.hi, si.all_lo = last.lo, si.all_hi = first.hi;
+    if (si.lo < si.hi) lo = std::min(lo, si.lo), hi = std::max(hi, si.hi);
+    const SlotBuffers sb = t.slot(j);
+    for (int i = 0; i < BQ; ++i) sb.m[i] = -INFINITY, sb.l[i] = 0.f, sb.pos[i] = float(si.q0 + i + sk - sq);
+    std::fill(sb.o, sb.o + BQ * dp, 0.f);
     // Pack Q once: transposed fp32, or transposed bf16 (d, d+1) pairs; padding queries are 0.
-    const T* q = static_cast<const T*>(p.q) + b * p.q_stride[0] + (qo + i0) * qs + (h0 + j) * p.q_stride[2];
+    const T* q = static_cast<const T*>(p.q) + b * p.q_stride[0] + (qo + si.q0) * qs + si.h * p.q_stride[2];
     if constexpr (kUseBF16Dot<T>) {
-      uint32_t* qp = reinterpret_cast<uint32_t*>(hb.qt);
+      uint32_t* qp = reinterpret_cast<uint32_t*>(sb.qt);
       for (int i = 0; i < BQ; ++i)
         for (int64_t d2 = 0; d2 < D / 2; ++d2) {
           uint32_t w = 0;
-          if (i < nq) std::memcpy(&w, q + i * qs + 2 * d2, 4);
+          if (i < si.nq) std::memcpy(&w, q + i * qs + 2 * d2, 4);
           qp[d2 * kLdPairs<BQ> + i] = w;
         }
     } else {
-      pack_q_transposed<BQ>(q, qs, nq, D, p.scale, hb.qt);
+      pack_q_transposed<BQ>(q, qs, si.nq, D, p.scale, sb.qt);
     }
   }
 
-  const FlashKeyRange first = flash_key_range(p, i0, sq, sk), last = flash_key_range(p, i0 + nq - 1, sq, sk);
-  // Keys seen by some query of the tile, and those seen by all of them (no mask needed).
-  const int64_t lo = first.lo, hi = last.hi, all_lo = last.lo, all_hi = first.hi;
   // the fp32 Q^T carries the softmax scale; the bf16 pairs do not (rounding q * scale to bf16
   // would add an error the GPU kernels do not make)
   ScoreRule rule{kUseBF16Dot<T> ? p.scale : 1.f, p.softcap, 0.f, false, p.window_left, p.right_bound()};
+  // The slots that see key tile [j0, j0 + n), with their rule and key limit set.
+  auto for_each_slot = [&](int64_t j0, int n, auto&& body) {
+    for (int j = 0; j < slots; ++j) {
+      const SlotInfo& si = info[j];
+      if (si.hi <= j0 || si.lo >= j0 + n) continue;
+      rule.mask = !(si.all_lo <= j0 && j0 + n <= si.all_hi);
+      rule.slope = p.alibi_slope(b, si.h);
+      // on a tile that the causal / right-window edge crosses, skip what no query sees
+      KeyLimit lim;
+      const SlotBuffers sb = t.slot(j);
+      if (rule.mask && rule.right >= 0) lim = {sb.pos, float(rule.right - j0)};
+      body(sb, lim);
+    }
+  };
+  auto slots_seeing = [&](int64_t j0, int n) {
+    int c = 0;
+    for (int j = 0; j < slots; ++j) c += !(info[j].hi <= j0 || info[j].lo >= j0 + n);
+    return c;
+  };
 
-  for (int64_t j0 = lo; j0 < hi; j0 += kBlockK) {
+  // Key tiles on a fixed grid (multiples of kBlockK), so that every query's result is the same
+  // whatever unit, thread count or slot grouping computes it.
+  for (int64_t j0 = lo / kBlockK * kBlockK; j0 < hi; j0 += kBlockK) {
     const int n = int(std::min<int64_t>(kBlockK, hi - j0));
-    rule.mask = !(all_lo <= j0 && j0 + n <= all_hi);
-    // on a tile that the causal / right-window edge crosses, skip what no query sees
-    KeyLimit lim;
-    if (rule.mask && rule.right >= 0) lim = {t.pos, float(rule.right - j0)};
     const T* kt = k + j0 * ks;
     const T* vt = v + j0 * vs;
     // The next tile's K and V rows are a head-stride apart, which the hardware prefetchers
     // follow poorly: ask for them into L2 now, so that copying them next time hits (fp32 path:
     // a few rows at a time between the micro-kernel blocks, K during S^T = K Q^T and V during
-    // O += P V of every head).
+    // O += P V of every slot).
     const int n_next = j0 + kBlockK < hi ? int(std::min<int64_t>(kBlockK, hi - j0 - kBlockK)) : 0;
     if constexpr (kUseBF16Dot<T>) {
 #if defined(GK_SIMD_AVX512)
@@ -324,55 +358,52 @@ void query_tile(const FlashParams& p, int64_t b, int64_t h0, int nh, int64_t i0,
         prefetch_rows(vt + kBlockK * vs, vs, n_next, D * int64_t(sizeof(T)));
       }
       // K rows a head-stride apart alias in L1 (4 KB apart for 16 heads of 128): copy them
-      // next to each other first, once for all the unit's heads; V as (key, key+1) pairs.
+      // next to each other first, once for all the unit's slots; V as (key, key+1) pairs.
       bf16_t* kc = reinterpret_cast<bf16_t*>(t.kc);
       for (int j = 0; j < n; ++j) std::memcpy(kc + j * D, kt + j * ks, D * sizeof(bf16_t));
       uint32_t* vp = reinterpret_cast<uint32_t*>(t.vc);
       pack_v_pairs(vt, vs, n, D, dp, vp);
-      for (int j = 0; j < nh; ++j) {
-        const HeadBuffers hb = t.head(j);
-        rule.slope = p.alibi_slope(b, h0 + j);
-        qk_tile_bf16<BQ>(reinterpret_cast<const uint32_t*>(hb.qt), kc, D, n, D, t.st, lim);
-        online_softmax<BQ, true>(rule, j0, t.pos, t.st, n, hb.m, hb.l, hb.alpha, t.pp);
-        pv_tile_bf16<BQ>(t.pp, n, vp, hb.alpha, hb.o, dp, lim);
-      }
+      for_each_slot(j0, n, [&](const SlotBuffers& sb, const KeyLimit& lim) {
+        qk_tile_bf16<BQ>(reinterpret_cast<const uint32_t*>(sb.qt), kc, D, n, D, t.st, lim);
+        online_softmax<BQ, true>(rule, j0, sb.pos, t.st, n, sb.m, sb.l, sb.alpha, t.pp);
+        pv_tile_bf16<BQ>(t.pp, n, vp, sb.alpha, sb.o, dp, lim);
+      });
 #endif
     } else {
-      // fp32 copies of the K and V tiles, once for all the unit's heads: converts fp16 (and bf16
+      // fp32 copies of the K and V tiles, once for all the unit's slots: converts fp16 (and bf16
       // below AVX-512) once per tile, and puts rows that are a head-stride apart (aliasing in
       // L1) next to each other.
       const int64_t row_bytes = D * int64_t(sizeof(T));
       rows_to_float(kt, ks, n, D, t.kc);
       rows_to_float(vt, vs, n, D, t.vc);
       RowPrefetcher pfk, pfv;
+      const int seeing = slots_seeing(j0, n);
       if (n_next > 0) {
-        pfk.start(kt + kBlockK * ks, ks * int64_t(sizeof(T)), n_next, row_bytes, nh * qk_steps<BQ>(n, D));
-        pfv.start(vt + kBlockK * vs, vs * int64_t(sizeof(T)), n_next, row_bytes, nh * pv_steps<BQ>(D));
+        pfk.start(kt + kBlockK * ks, ks * int64_t(sizeof(T)), n_next, row_bytes, seeing * qk_steps<BQ>(n, D));
+        pfv.start(vt + kBlockK * vs, vs * int64_t(sizeof(T)), n_next, row_bytes, seeing * pv_steps<BQ>(D));
       }
-      for (int j = 0; j < nh; ++j) {
-        const HeadBuffers hb = t.head(j);
-        rule.slope = p.alibi_slope(b, h0 + j);
+      for_each_slot(j0, n, [&](const SlotBuffers& sb, const KeyLimit& lim) {
         // unmasked tiles without softcap or ALiBi: the scores are S^T as computed, and their
         // maximum comes out of the micro-kernel
-        float* tile_max = !rule.mask && rule.softcap <= 0.f && rule.slope == 0.f ? hb.mx : nullptr;
-        qk_tile<BQ>(hb.qt, t.kc, D, n, D, t.st, n_next > 0 ? &pfk : nullptr, tile_max, lim);
-        online_softmax<BQ, false>(rule, j0, t.pos, t.st, n, hb.m, hb.l, hb.alpha, nullptr, tile_max);
-        pv_tile<BQ>(t.st, n, t.vc, D, hb.alpha, hb.o, dp, D, n_next > 0 ? &pfv : nullptr, lim);
-      }
+        float* tile_max = !rule.mask && rule.softcap <= 0.f && rule.slope == 0.f ? sb.mx : nullptr;
+        qk_tile<BQ>(sb.qt, t.kc, D, n, D, t.st, n_next > 0 ? &pfk : nullptr, tile_max, lim);
+        online_softmax<BQ, false>(rule, j0, sb.pos, t.st, n, sb.m, sb.l, sb.alpha, nullptr, tile_max);
+        pv_tile<BQ>(t.st, n, t.vc, D, sb.alpha, sb.o, dp, D, n_next > 0 ? &pfv : nullptr, lim);
+      });
       if (n_next > 0) pfk.finish(), pfv.finish();
     }
   }
 
   // Normalise with the shared softmax state; empty rows give 0 and lse -inf.
-  for (int j = 0; j < nh; ++j) {
-    const HeadBuffers hb = t.head(j);
-    const int64_t h = h0 + j;
-    T* out = static_cast<T*>(p.out) + b * p.out_stride[0] + (qo + i0) * p.out_stride[1] + h * p.out_stride[2];
-    float* lse = p.lse ? p.lse + b * p.lse_stride[0] + h * p.lse_stride[1] + (qo + i0) * p.lse_stride[2] : nullptr;
-    for (int i = 0; i < nq; ++i) {
-      const SoftmaxStats stats{hb.m[i], hb.l[i]};
+  for (int j = 0; j < slots; ++j) {
+    const SlotInfo& si = info[j];
+    const SlotBuffers sb = t.slot(j);
+    T* out = static_cast<T*>(p.out) + b * p.out_stride[0] + (qo + si.q0) * p.out_stride[1] + si.h * p.out_stride[2];
+    float* lse = p.lse ? p.lse + b * p.lse_stride[0] + si.h * p.lse_stride[1] + (qo + si.q0) * p.lse_stride[2] : nullptr;
+    for (int i = 0; i < si.nq; ++i) {
+      const SoftmaxStats stats{sb.m[i], sb.l[i]};
       const VecF inv = VecF::set1(stats.inv_denominator());
-      const float* o = hb.o + i * dp;
+      const float* o = sb.o + i * dp;
       T* dst = out + i * p.out_stride[1];
       int64_t d = 0;
       for (; d + W <= D; d += W) (VecF::load(o + d) * inv).store(dst + d);
@@ -392,15 +423,16 @@ void run_tiles(const FlashParams& p, int num_threads) {
   // V at a time: 4 MB at seqlen 4096 and head dim 128 in fp32, read by every query tile, stays in
   // L3 (all heads' K and V, 64 MB, would stream from DRAM). Inside a group the costliest units
   // come first (causal tiles near the bottom see the most keys), so that each group, and the
-  // dynamic schedule, ends with cheap units; units of one query tile (the GQA heads of the group)
-  // are adjacent and read the same K / V tiles at about the same time.
-  // A unit takes nh query heads of its kv head (heads_per_unit), fewer if that would leave
-  // fewer than 4 units per thread.
+  // dynamic schedule, ends with cheap units.
+  // A unit takes nh query heads of its kv head x nt adjacent query tiles (unit_shape), fewer
+  // tiles, then fewer heads, if that would leave fewer than 4 units per thread.
   const int64_t group = p.group();
   int64_t tiles = 0;
   for (int64_t b = 0; b < p.batch; ++b) tiles += (p.seqlen_q_of(b) + BQ - 1) / BQ;
-  int nh = heads_per_unit(p);
-  while (nh > 1 && tiles * p.heads_kv * (group / nh) < 4 * int64_t(num_threads)) {
+  auto [nh, nt] = unit_shape(p);
+  auto units_of = [&](int h, int t) { return (tiles + t - 1) / t * p.heads_kv * (group / h); };
+  while (nt > 1 && units_of(nh, nt) < 4 * int64_t(num_threads)) --nt;
+  while (nh > 1 && units_of(nh, nt) < 4 * int64_t(num_threads)) {
     do --nh; while (group % nh);
   }
   std::vector<WorkUnit> units;
@@ -408,10 +440,13 @@ void run_tiles(const FlashParams& p, int num_threads) {
     const int64_t sq = p.seqlen_q_of(b), sk = p.seqlen_k_of(b);
     for (int64_t hk = 0; hk < p.heads_kv; ++hk) {
       const size_t first_unit = units.size();
-      for (int64_t i0 = 0; i0 < sq; i0 += BQ) {
-        const int64_t nq = std::min<int64_t>(BQ, sq - i0);
-        const FlashKeyRange first = flash_key_range(p, i0, sq, sk), last = flash_key_range(p, i0 + nq - 1, sq, sk);
-        const int64_t cost = std::max<int64_t>(0, last.hi - first.lo) + 1;
+      for (int64_t i0 = 0; i0 < sq; i0 += int64_t(nt) * BQ) {
+        int64_t cost = 0;
+        for (int64_t q0 = i0; q0 < std::min<int64_t>(sq, i0 + int64_t(nt) * BQ); q0 += BQ) {
+          const int64_t nq = std::min<int64_t>(BQ, sq - q0);
+          const FlashKeyRange first = flash_key_range(p, q0, sq, sk), last = flash_key_range(p, q0 + nq - 1, sq, sk);
+          cost += std::max<int64_t>(0, last.hi - first.lo) + 1;
+        }
         for (int64_t h = hk * group; h < (hk + 1) * group; h += nh) units.push_back({b, h, i0, cost});
       }
       std::stable_sort(units.begin() + first_unit, units.end(),
@@ -420,11 +455,11 @@ void run_tiles(const FlashParams& p, int num_threads) {
   }
   const int64_t n = int64_t(units.size());
   const int threads = int(std::max<int64_t>(1, std::min<int64_t>(num_threads, n)));
-  const size_t per_thread = scratch_floats(p.head_dim, nh);
+  const size_t per_thread = scratch_floats(p.head_dim, nh * nt);
   float* scratch = t_workspace.get(per_thread * size_t(threads));  // may throw: before the region
 #pragma omp parallel for num_threads(threads) schedule(dynamic, 1) if (threads > 1)
   for (int64_t u = 0; u < n; ++u)
-    query_tile<T, BQ>(p, units[u].b, units[u].h0, nh, units[u].i0, scratch + per_thread * size_t(omp_get_thread_num()));
+    query_tile<T, BQ>(p, units[u].b, units[u].h0, nh, units[u].i0, nt, scratch + per_thread * size_t(omp_get_thread_num()));
 }
 
 // The short query tile where it measured faster on the 2-core AVX-512 box (single thread, CPU
