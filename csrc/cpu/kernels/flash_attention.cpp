@@ -1,14 +1,16 @@
 // CPU kernel: flash attention forward (prefill), dense and varlen, with causal / sliding-window
 // masks, softcap, ALiBi, GQA and the log-sum-exp. Semantics: csrc/core/flash_params.h.
 //
-// Tiling: one work unit is (sequence, query head, tile of BQ queries): BQ = kBlockQ = 128, or
-// kBlockQShort = 64 for short sequences (more units, less masked work on the causal diagonal).
-// It walks only the key tiles (kBlockK = 64) that some of its queries see (causal and window
-// tiles that are fully masked are never visited) and keeps the online-softmax state of its BQ
-// rows: running max and sum per query, the fp32 output tile O (BQ x head_dim) and the packed Q
-// tile. Extra memory is a fixed per-thread scratch (under 512 KB, allocated by the calling
-// thread before the parallel region) plus the output: O(seqlen), no score matrix. Masks are
-// applied only on key tiles that cross a mask boundary.
+// Tiling: a query tile is BQ = kBlockQ = 128 queries of one head, or kBlockQShort = 64 for short
+// sequences (more units, less masked work on the causal diagonal). A work unit holds several
+// "slots" (query tiles of the GQA heads of one kv head, then adjacent query tiles: unit_shape)
+// and walks the key tiles (kBlockK = 64, on a fixed grid) that some slot sees; causal and window
+// tiles that no slot sees are never visited. Each K / V tile is copied once per unit and serves
+// every slot. A slot keeps the online-softmax state of its BQ rows: running max and sum per
+// query, the fp32 output tile O (BQ x head_dim) and the packed Q tile. Extra memory is a fixed
+// per-thread scratch (under 1 MB, allocated by the calling thread before the parallel region)
+// plus the output: O(seqlen), no score matrix. Masks are applied only on key tiles that cross a
+// mask boundary, and there key blocks that no query sees are skipped (KeyLimit).
 // Micro-kernels (flash_attention_tiles.h): S^T = K Q^T and O += P V, register blocked, queries on
 // the SIMD lanes; bf16 uses VDPBF16PS on AVX512-BF16; fp16 (and bf16 below AVX-512) converts
 // each K / V tile to fp32 once. exp and tanh in SIMD (cpu/simd.h).
@@ -151,8 +153,9 @@ void rows_to_float(const T* src, int64_t stride, int n, int64_t D, float* dst) {
 }
 
 // Q^T (D x BQ fp32, row stride kLd<BQ>) from nq query rows of D elements at stride qs, times the
-// softmax scale (so that S^T = K Q^T are the scores); padding queries are 0. AVX-512: 16 x 16 blocks transposed in registers (a scalar transpose was ~2.5% of
-// a causal 4096-token call: 16 K strided scalar stores per query tile).
+// softmax scale (so that S^T = K Q^T are the scores); padding queries are 0. AVX-512: 16 x 16
+// blocks transposed in registers (a scalar transpose was ~2.5% of a causal 4096-token call:
+// 16 K strided scalar stores per query tile).
 template <int BQ, class T>
 void pack_q_transposed(const T* q, int64_t qs, int nq, int64_t D, float scale, float* qt) {
   int64_t d0 = 0;
@@ -267,7 +270,6 @@ template <>
 constexpr bool kUseBF16Dot<bf16_t> = true;
 #endif
 
-// One work unit: queries [i0, i0 + nq) of head h of sequence b, nq <= BQ.
 // One work unit of sequence b: query heads [h0, h0 + nh) (one kv head) x query tiles
 // [i0, i0 + nt * BQ) (each tile BQ queries or the rest of the sequence). Its slots are the
 // (tile, head) pairs; each K / V tile is copied once and serves every slot that sees it.

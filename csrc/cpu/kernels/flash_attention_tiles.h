@@ -19,10 +19,11 @@
 namespace gk::cpu::GK_CPU_ISA_NS::flash {
 
 constexpr int W = VecF::kWidth;
-// Queries per tile: the lanes of S^T (2 x 4 AVX-512 vectors). Every query tile copies each K / V
-// tile it visits once (they are a head-stride apart in memory); 128 queries halve that traffic
-// against 64 (the copies fell from 11% to 6% of the time at seqlen 2048) while Q^T and O
-// (128 x 256 fp32 at most, 128 KB each) still sit in L2.
+// Queries per tile: the lanes of S^T (2 x 4 AVX-512 vectors). A work unit copies each K / V
+// tile it visits once (they are a head-stride apart in memory) for all its query tiles; 128
+// queries halve that traffic against 64 (the copies fell from 11% to 6% of the time at seqlen
+// 2048, before units shared them) while Q^T and O (128 x 256 fp32 at most, 128 KB each) still
+// sit in L2.
 constexpr int kBlockQ = 128;
 // Short sequences use 64-query tiles instead: twice the work units (load balance) and half the
 // masked work on the causal diagonal, where 128-query tiles waste up to a quarter of a 512 x 512
