@@ -199,6 +199,23 @@ GK_HOST_DEVICE GK_INLINE bool cache_token_offset_checked(const int32_t* block_ta
   return true;
 }
 
+// Element offsets (head 0) of token t of sequence b in the K and V caches of a decode or append
+// call (DecodeParams, AppendKVParams): the one place that pairs the key and value lookups.
+template <class P>
+GK_HOST_DEVICE GK_INLINE void cache_kv_offsets(const P& p, int64_t b, int64_t t, int64_t& koff, int64_t& voff) {
+  koff = cache_token_offset(p.block_table, p.block_table_stride, p.page_size, p.k_stride, b, t);
+  voff = cache_token_offset(p.block_table, p.block_table_stride, p.page_size, p.v_stride, b, t);
+}
+
+// The checked form (cache_token_offset_checked): false, with both offsets 0, when the token's
+// page index is outside [0, num_pages).
+template <class P>
+GK_HOST_DEVICE GK_INLINE bool cache_kv_offsets_checked(const P& p, int64_t b, int64_t t, int64_t& koff, int64_t& voff) {
+  voff = 0;
+  return cache_token_offset_checked(p.block_table, p.block_table_stride, p.page_size, p.num_pages, p.k_stride, b, t, koff) &&
+         cache_token_offset_checked(p.block_table, p.block_table_stride, p.page_size, p.num_pages, p.v_stride, b, t, voff);
+}
+
 // Whether an append of seqlen_new tokens to sequence b is in range: 0 <= L, L + seqlen_new <=
 // capacity (and <= the rotary table's positions), every page it writes a valid page index. The
 // CUDA append checks this per sequence on the device: all of a sequence's writes or none.

@@ -29,17 +29,18 @@
 // evenly over the loop that calls it.
 struct TilePrefetcher {
   const char* base = nullptr;
-  const int64_t* token_off = nullptr;  // bytes, head 0
-  int64_t tokens = 0, heads = 0, head_stride = 0, row_lines = 0, per_step = 0;
+  const int64_t* token_off = nullptr;  // elements, head 0
+  int64_t esize = 0, tokens = 0, heads = 0, head_stride = 0, row_lines = 0, per_step = 0;  // sizes in bytes
   int64_t token = 0, head = 0, line = 0;
 
-  TilePrefetcher() = default;
-  TilePrefetcher(const char* b, const int64_t* off, int64_t n, int64_t h, int64_t hs, int64_t row_bytes, int64_t steps)
-      : base(b), token_off(off), tokens(n), heads(h), head_stride(hs), row_lines((row_bytes + 63) / 64),
+  TilePrefetcher(const void* b, int64_t element_size, const int64_t* off, int64_t n, int64_t h, int64_t head_stride_elems,
+                 int64_t row_bytes, int64_t steps)
+      : base(static_cast<const char*>(b)), token_off(off), esize(element_size), tokens(n), heads(h),
+        head_stride(head_stride_elems * element_size), row_lines((row_bytes + 63) / 64),
         per_step(steps > 0 ? (n * h * row_lines + steps - 1) / steps : 0) {}
   GK_INLINE void step() {
     for (int64_t i = 0; i < per_step && token < tokens; ++i) {
-      _mm_prefetch(base + token_off[token] + head * head_stride + line * 64, _MM_HINT_T0);
+      _mm_prefetch(base + token_off[token] * esize + head * head_stride + line * 64, _MM_HINT_T0);
       if (++line == row_lines) {
         line = 0;
         if (++head == heads) head = 0, ++token;
@@ -65,8 +66,6 @@ inline __m512 transpose_reduce16(__m512 (&a)[16]) {
   for (int i = 0; i < 2; ++i) d[i] = _mm512_add_ps(_mm512_unpacklo_ps(c[i], c[i + 2]), _mm512_unpackhi_ps(c[i], c[i + 2]));
   return _mm512_add_ps(_mm512_unpacklo_ps(d[0], d[1]), _mm512_unpackhi_ps(d[0], d[1]));
 }
-
-constexpr int kTileA = kMaxTile;  // tokens per tile: one softmax update per row per 32 keys
 
 // Row layout of a work item: NR = heads_kv * R real rows (row rr = kvh * R + r), computed in
 // blocks of 4 (NR4) and laid out on NRP = NR rounded up to 16 lanes. Padding rows have a zero
@@ -228,30 +227,26 @@ void decode_work_item_avx512(const DecodeParams& p, Scratch& sc, int64_t b, cons
   const bool shared = rl.R % 4 == 0;  // every block of 4 rows belongs to one kv head
   const int64_t H = p.heads_kv, esize = sizeof(T);
   constexpr int64_t kStep = std::is_same_v<T, bf16_t> ? 32 : 16;  // tile_scores' head dims per step
+  // Token offsets (elements, head 0) of the current tile and of the next one, each looked up
+  // once and shared by every head: the next tile's, wanted for its prefetch, become the current
+  // ones on the next iteration.
   int64_t* koff = sc.koff.data();
   int64_t* voff = sc.voff.data();
-  int64_t* knext = sc.koff.data() + kTileA;  // the next tile's offsets (bytes)
+  int64_t* knext = sc.koff.data() + kTileA;
   int64_t* vnext = sc.voff.data() + kTileA;
+  for (int j = 0; j < std::min<int64_t>(kTileA, split_keys.hi - split_keys.lo); ++j)
+    cache_kv_offsets(p, b, split_keys.lo + j, koff[j], voff[j]);
   float* st = sc.scores.data();
   for (int64_t t0 = split_keys.lo; t0 < split_keys.hi; t0 += kTileA) {
     const int nk = int(std::min<int64_t>(kTileA, split_keys.hi - t0));
-    // the tile's token offsets, looked up once and shared by every head (padding: token t0)
-    for (int j = 0; j < (nk + 3) / 4 * 4; ++j) {
-      const int64_t t = t0 + (j < nk ? j : 0);
-      koff[j] = cache_token_offset(p.block_table, p.block_table_stride, p.page_size, p.k_stride, b, t);
-      voff[j] = cache_token_offset(p.block_table, p.block_table_stride, p.page_size, p.v_stride, b, t);
-    }
+    for (int j = nk; j < (nk + 3) / 4 * 4; ++j) koff[j] = koff[0], voff[j] = voff[0];  // quad padding: token t0
     // the next tile's rows, prefetched during this tile's K and V loops
     const int64_t tn = t0 + kTileA;
     const int nn = int(std::max<int64_t>(0, std::min<int64_t>(kTileA, split_keys.hi - tn)));
-    for (int j = 0; j < nn; ++j) {
-      knext[j] = cache_token_offset(p.block_table, p.block_table_stride, p.page_size, p.k_stride, b, tn + j) * esize;
-      vnext[j] = cache_token_offset(p.block_table, p.block_table_stride, p.page_size, p.v_stride, b, tn + j) * esize;
-    }
+    for (int j = 0; j < nn; ++j) cache_kv_offsets(p, b, tn + j, knext[j], vnext[j]);
     const int64_t quads = (nk + 3) / 4, row_bytes = D * esize, slabs = (D + 63) / 64;
-    TilePrefetcher kpf(static_cast<const char*>(p.k), knext, nn, H, p.k_stride[2] * esize, row_bytes,
-                       quads * (rl.NR4 / 4) * (D / kStep));
-    TilePrefetcher vpf(static_cast<const char*>(p.v), vnext, nn, H, p.v_stride[2] * esize, row_bytes, quads * rl.NR * slabs);
+    TilePrefetcher kpf(p.k, esize, knext, nn, H, p.k_stride[2], row_bytes, quads * (rl.NR4 / 4) * (D / kStep));
+    TilePrefetcher vpf(p.v, esize, vnext, nn, H, p.v_stride[2], row_bytes, quads * rl.NR * slabs);
     if (shared) tile_scores<T, true>(p, sc, rl, nk, koff, st, kpf);
     else tile_scores<T, false>(p, sc, rl, nk, koff, st, kpf);
     tile_softmax(p, sc, rl, b, t0, nk, lo_max > t0 || hi_min < t0 + nk, st);
@@ -269,6 +264,7 @@ void decode_work_item_avx512(const DecodeParams& p, Scratch& sc, int64_t b, cons
       case 1: pv_quad<T, 1>(p, sc, rl, st + i0 * rl.NRP, voff + i0, vpf); break;
       default: break;
     }
+    std::swap(koff, knext), std::swap(voff, vnext);
   }
   for (int64_t rr = 0; rr < rl.NR; ++rr) sc.stats[rr] = SoftmaxStats{sc.m[rr], sc.l[rr]};
 }

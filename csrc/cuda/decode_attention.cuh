@@ -168,8 +168,7 @@ __global__ void __launch_bounds__(DecodeTraits<T, kHeadDim>::kThreads)
       // page index reads nothing (zero fill from offset 0) and flags the block
       int64_t koff = 0, voff = 0;
       if (valid) {
-        valid = cache_token_offset_checked(p.block_table, p.block_table_stride, p.page_size, p.num_pages, p.k_stride, b, t, koff);
-        valid = valid && cache_token_offset_checked(p.block_table, p.block_table_stride, p.page_size, p.num_pages, p.v_stride, b, t, voff);
+        valid = cache_kv_offsets_checked(p, b, t, koff, voff);
         bad_index |= !valid;
       }
       T* kdst = ksmem + (stage * kBlockN + j) * kHeadDim + col;
@@ -363,8 +362,7 @@ __global__ void __launch_bounds__(DecodeMmaTraits<T, kHeadDim>::kThreads, 1)
       bool valid = tok < keys.hi;
       int64_t koff = 0, voff = 0;
       if (valid) {
-        valid = cache_token_offset_checked(p.block_table, p.block_table_stride, p.page_size, p.num_pages, p.k_stride, b, tok, koff);
-        valid = valid && cache_token_offset_checked(p.block_table, p.block_table_stride, p.page_size, p.num_pages, p.v_stride, b, tok, voff);
+        valid = cache_kv_offsets_checked(p, b, tok, koff, voff);
         bad_index |= !valid;
       }
       ptx::cp_async_16_zfill(sK + stage * Tr::kTileElems + j * kLd + col, kbase + koff + col, valid);

@@ -25,8 +25,10 @@ __global__ void __launch_bounds__(128) append_kv_kernel(const AppendKVParams p) 
   const int64_t t = int64_t(p.cache_seqlens[b]) + s;
   const T* ksrc = static_cast<const T*>(p.k_new) + b * p.k_new_stride[0] + s * p.k_new_stride[1] + h * p.k_new_stride[2];
   const T* vsrc = static_cast<const T*>(p.v_new) + b * p.v_new_stride[0] + s * p.v_new_stride[1] + h * p.v_new_stride[2];
-  T* kdst = static_cast<T*>(p.k) + cache_token_offset(p.block_table, p.block_table_stride, p.page_size, p.k_stride, b, t) + h * p.k_stride[2];
-  T* vdst = static_cast<T*>(p.v) + cache_token_offset(p.block_table, p.block_table_stride, p.page_size, p.v_stride, b, t) + h * p.v_stride[2];
+  int64_t koff, voff;
+  cache_kv_offsets(p, b, t, koff, voff);
+  T* kdst = static_cast<T*>(p.k) + koff + h * p.k_stride[2];
+  T* vdst = static_cast<T*>(p.v) + voff + h * p.v_stride[2];
   const int64_t half = p.rotary_dim / 2;
   for (int64_t d = threadIdx.x; d < p.head_dim; d += blockDim.x) {
     const float k = d < p.rotary_dim ? rotary_element(ksrc, d, p.rotary_dim, p.rotary_interleaved, p.rotary_cos + t * half, p.rotary_sin + t * half)

@@ -28,8 +28,8 @@ namespace gk::cpu::GK_CPU_ISA_NS {
 
 namespace {
 
-constexpr int kTile = 16;     // keys per tile of the generic work item
-constexpr int kMaxTile = 32;  // the AVX-512 work item's tile (kTileA)
+constexpr int kTile = 16;   // keys per tile of the generic work item
+constexpr int kTileA = 32;  // keys per tile of the AVX-512 work item: one softmax update per row per 32 keys
 constexpr int W = VecF::kWidth;
 
 // x[i] = exp(x[i]) for kTile entries; exp(-inf) = 0 exactly (masked keys weigh nothing).
@@ -100,9 +100,9 @@ struct Scratch {
   // dims; keeps their memory across calls.
   void reserve(int64_t rows, int64_t dp) {
     rows = (rows + 15) / 16 * 16;
-    q.resize(rows * dp), acc.resize(rows * dp), scores.resize(rows * kMaxTile), kbuf.resize(kTile * dp);
+    q.resize(rows * dp), acc.resize(rows * dp), scores.resize(rows * kTileA), kbuf.resize(kTile * dp);
     vbuf.resize(kTile * dp), qb.resize(rows * dp), stats.resize(rows), lo.resize(rows), hi.resize(rows);
-    koff.resize(2 * kMaxTile), voff.resize(2 * kMaxTile);
+    koff.resize(2 * kTileA), voff.resize(2 * kTileA);
     lo32.resize(rows), hi32.resize(rows), m.resize(rows), l.resize(rows), alpha.resize(rows), row_koff.resize(rows);
   }
 };
@@ -174,10 +174,7 @@ void init_rows(const DecodeParams& p, Scratch& sc, int64_t b, KeyRange split_key
 
 // Offsets (elements, head 0) of the tile's tokens in K and V; padding entries repeat token 0.
 inline void lookup_tile(const DecodeParams& p, int64_t b, int64_t t0, int nk, int64_t* koff, int64_t* voff) {
-  for (int j = 0; j < nk; ++j) {
-    koff[j] = cache_token_offset(p.block_table, p.block_table_stride, p.page_size, p.k_stride, b, t0 + j);
-    voff[j] = cache_token_offset(p.block_table, p.block_table_stride, p.page_size, p.v_stride, b, t0 + j);
-  }
+  for (int j = 0; j < nk; ++j) cache_kv_offsets(p, b, t0 + j, koff[j], voff[j]);
   for (int j = nk; j < kTile; ++j) koff[j] = koff[0], voff[j] = voff[0];  // masked padding
 }
 
