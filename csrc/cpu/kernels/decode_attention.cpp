@@ -32,32 +32,10 @@ constexpr int kTile = 16;   // keys per tile of the generic work item
 constexpr int kTileA = 32;  // keys per tile of the AVX-512 work item: one softmax update per row per 32 keys
 constexpr int W = VecF::kWidth;
 
-// x[i] = exp(x[i]) for kTile entries; exp(-inf) = 0 exactly (masked keys weigh nothing).
+// x[i] = exp(x[i]) for kTile scores minus their maximum (<= 0, -inf or NaN), with the SIMD exp
+// of cpu/simd.h: exp(-inf) = 0 exactly (masked keys weigh nothing), NaN stays NaN.
 inline void exp_tile(float* x) {
-#if defined(GK_SIMD_AVX512)
-  // exp(x) = 2^n * exp(r), n = round(x / ln2), |r| <= ln2 / 2, degree-6 polynomial (rel. error
-  // ~2e-7, below fp32 accumulation noise); inputs below -87.3 underflow to exactly 0.
-  const __m512 v = _mm512_loadu_ps(x);
-  const __m512 xc = _mm512_max_ps(v, _mm512_set1_ps(-87.3f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), xc);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
-  __m512 e = _mm512_scalef_ps(p, n);
-  e = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(v, _mm512_set1_ps(-87.3f), _CMP_GE_OQ), e);
-  // NaN scores stay NaN
-  e = _mm512_mask_mov_ps(e, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), v);
-  _mm512_storeu_ps(x, e);
-#else
-  for (int j = 0; j < kTile; ++j) x[j] = expf(x[j]);
-#endif
+  for (int j = 0; j < kTile; j += W) vexp_nonpos(VecF::load(x + j)).store(x + j);
 }
 
 inline float max_tile(const float* x) {
