@@ -71,11 +71,10 @@ def check_decode(q, k, v, lens, table, bad, num_splits):
     assert_close("lse", lse[sel], want_lse, base_lse.float() if q.dtype != torch.float32 else None)
 
 
-@pytest.mark.parametrize("num_splits", [1, 3])
-@pytest.mark.parametrize("bad_page", [-1, "num_pages", -3])
-def test_decode_bad_page_index(num_splits, bad_page):
-    g = torch.Generator().manual_seed(7)
-    dtype = torch.float32
+def check_bad_page(seed, dtype, seqlen_q, heads_q, bad_page, num_splits):
+    """Three sequences over a guarded pool, one bad page in the table of sequence 1 (length 50):
+    only that sequence is an error state."""
+    g = torch.Generator().manual_seed(seed)
     batch, max_pages = 3, 4
     num_pages = batch * max_pages
     kbig, k = guarded_pool(num_pages, dtype, g)
@@ -83,8 +82,14 @@ def test_decode_bad_page_index(num_splits, bad_page):
     table = torch.randperm(num_pages, generator=g)[: batch * max_pages].view(batch, max_pages).to(torch.int32)
     table[1, 2] = num_pages if bad_page == "num_pages" else bad_page  # page in use by sequence 1 (length 50)
     lens = torch.tensor([60, 50, 33], dtype=torch.int32)
-    q = torch.randn(batch, 1, 8, HEAD_DIM, generator=g)
+    q = torch.randn(batch, seqlen_q, heads_q, HEAD_DIM, generator=g).to(dtype)
     check_decode(q, k, v, lens, table, bad={1}, num_splits=num_splits)
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("bad_page", [-1, "num_pages", -3])
+def test_decode_bad_page_index(num_splits, bad_page):
+    check_bad_page(7, torch.float32, 1, 8, bad_page, num_splits)
 
 
 @pytest.mark.parametrize("num_splits", [1, 2])
@@ -222,17 +227,7 @@ print("ok")
 @pytest.mark.parametrize("bad_page", [-1, "num_pages"])
 def test_decode_bad_page_index_tensor_core_path(num_splits, bad_page):
     # bf16 with seqlen_q x group = 2 x 8 = 16 rows: the mma kernel; same guard as the scalar one
-    g = torch.Generator().manual_seed(17)
-    dtype = torch.bfloat16
-    batch, max_pages = 3, 4
-    num_pages = batch * max_pages
-    kbig, k = guarded_pool(num_pages, dtype, g)
-    vbig, v = guarded_pool(num_pages, dtype, g)
-    table = torch.randperm(num_pages, generator=g)[: batch * max_pages].view(batch, max_pages).to(torch.int32)
-    table[1, 2] = num_pages if bad_page == "num_pages" else bad_page  # page in use by sequence 1 (length 50)
-    lens = torch.tensor([60, 50, 33], dtype=torch.int32)
-    q = torch.randn(batch, 2, 16, HEAD_DIM, generator=g).to(dtype)
-    check_decode(q, k, v, lens, table, bad={1}, num_splits=num_splits)
+    check_bad_page(17, torch.bfloat16, 2, 16, bad_page, num_splits)
 
 
 @pytest.mark.parametrize("bad_len", [-5, 65])
