@@ -76,6 +76,28 @@ struct alignas(E * sizeof(T) >= 16 ? 16 : E * sizeof(T)) LaneSlice {
   T v[E];
 };
 
+// K / V tile loader of both decode kernels: issues the 16-byte cp.async copies of keys
+// [t0, t0 + rows) of sequence b (kv head at kbase / vbase) into shared-memory rows `ld` elements
+// apart at sk / sv. Each thread looks its token's page offsets up once per row chunk it copies
+// (not per element); keys at or past `end` are zero-filled, and a bad page index reads nothing
+// (zero fill from offset 0) and sets bad_index.
+template <class Tr, class T>
+__device__ __forceinline__ void load_kv_tile(const DecodeParams& p, int64_t b, const T* kbase, const T* vbase, int64_t t0,
+                                             int64_t end, int rows, T* sk, T* sv, int ld, int tid, bool& bad_index) {
+  for (int c = tid; c < rows * Tr::kChunksPerRow; c += Tr::kThreads) {
+    const int j = c / Tr::kChunksPerRow, col = (c % Tr::kChunksPerRow) * Tr::kChunk;
+    const int64_t t = t0 + j;
+    bool valid = t < end;
+    int64_t koff = 0, voff = 0;
+    if (valid) {
+      valid = cache_kv_offsets_checked(p, b, t, koff, voff);
+      bad_index |= !valid;
+    }
+    ptx::cp_async_16_zfill(sk + j * ld + col, kbase + koff + col, valid);
+    ptx::cp_async_16_zfill(sv + j * ld + col, vbase + voff + col, valid);
+  }
+}
+
 // Epilogue of both decode kernels, after every warp has left its per-row state in shared memory
 // (mstats: m and d per warp and row; macc: the unnormalised accumulators): folds the warps' states
 // with SoftmaxStats and writes the block's rows of output and LSE, or the fp32 split partials.
@@ -157,25 +179,10 @@ __global__ void __launch_bounds__(DecodeTraits<T, kHeadDim>::kThreads)
   const T* kbase = static_cast<const T*>(p.k) + kvh * p.k_stride[2];
   const T* vbase = static_cast<const T*>(p.v) + kvh * p.v_stride[2];
 
-  // Issues the copies of tile `tile` into stage `stage`; keys past the split are zero-filled.
+  // Issues the copies of tile `tile` into stage `stage` (load_kv_tile).
   auto load_tile = [&](int64_t tile, int stage) {
-    const int64_t t0 = keys.lo + tile * kBlockN;
-    for (int c = tid; c < kBlockN * Tr::kChunksPerRow; c += Tr::kThreads) {
-      const int j = c / Tr::kChunksPerRow, col = (c % Tr::kChunksPerRow) * Tr::kChunk;
-      const int64_t t = t0 + j;
-      bool valid = t < keys.hi;
-      // page offset looked up once per tile and token by this thread (not per element); a bad
-      // page index reads nothing (zero fill from offset 0) and flags the block
-      int64_t koff = 0, voff = 0;
-      if (valid) {
-        valid = cache_kv_offsets_checked(p, b, t, koff, voff);
-        bad_index |= !valid;
-      }
-      T* kdst = ksmem + (stage * kBlockN + j) * kHeadDim + col;
-      T* vdst = vsmem + (stage * kBlockN + j) * kHeadDim + col;
-      ptx::cp_async_16_zfill(kdst, kbase + koff + col, valid);
-      ptx::cp_async_16_zfill(vdst, vbase + voff + col, valid);
-    }
+    load_kv_tile<Tr>(p, b, kbase, vbase, keys.lo + tile * kBlockN, keys.hi, kBlockN, ksmem + stage * kBlockN * kHeadDim,
+                     vsmem + stage * kBlockN * kHeadDim, kHeadDim, tid, bad_index);
   };
 
 #pragma unroll
@@ -352,22 +359,10 @@ __global__ void __launch_bounds__(DecodeMmaTraits<T, kHeadDim>::kThreads, 1)
 
   const T* kbase = static_cast<const T*>(p.k) + kvh * p.k_stride[2];
   const T* vbase = static_cast<const T*>(p.v) + kvh * p.v_stride[2];
-  // Issues the copies of tile `tile` into stage `stage`; keys past the split are zero-filled,
-  // a bad page index reads nothing (zero fill) and flags the block.
+  // Issues the copies of tile `tile` into stage `stage` (load_kv_tile).
   auto load_tile = [&](int tile, int stage) {
-    const int64_t t0 = keys.lo + int64_t(tile) * kN;
-    for (int c = tid; c < kN * Tr::kChunksPerRow; c += Tr::kThreads) {
-      const int j = c / Tr::kChunksPerRow, col = (c % Tr::kChunksPerRow) * Tr::kChunk;
-      const int64_t tok = t0 + j;
-      bool valid = tok < keys.hi;
-      int64_t koff = 0, voff = 0;
-      if (valid) {
-        valid = cache_kv_offsets_checked(p, b, tok, koff, voff);
-        bad_index |= !valid;
-      }
-      ptx::cp_async_16_zfill(sK + stage * Tr::kTileElems + j * kLd + col, kbase + koff + col, valid);
-      ptx::cp_async_16_zfill(sV + stage * Tr::kTileElems + j * kLd + col, vbase + voff + col, valid);
-    }
+    load_kv_tile<Tr>(p, b, kbase, vbase, keys.lo + int64_t(tile) * kN, keys.hi, kN, sK + stage * Tr::kTileElems,
+                     sV + stage * Tr::kTileElems, kLd, tid, bad_index);
   };
 
   float acc[kMT][Tr::kOutTiles][4];
