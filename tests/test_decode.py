@@ -6,7 +6,7 @@ import torch
 
 import genkernels as gk
 from genkernels import reference as ref
-from genkernels.testing import assert_close
+from genkernels.testing import assert_close, emulate_cuda, has_emulation
 
 from decode_cases import make_cache, to_contiguous
 
@@ -202,3 +202,57 @@ def test_public_call_dispatches_under_fake_and_dispatch_modes():
     assert out.shape == q.shape
     with FlopCounterMode(display=False):
         assert torch.equal(gk.decode_attention(q, k, v, lens), gk.decode_attention(q, k, v, lens))
+
+
+def test_fast_and_general_paths_agree():
+    # plain eager CPU calls take decode._decode_cpu_fast; arguments it leaves to the general path
+    # (a window passed as a new pair, an int softcap) go that way: both must give the same bits
+    k, v, table = make_cache(2, 40, 2, 64, torch.bfloat16, 16)
+    q = torch.randn(2, 2, 8, 64).bfloat16()
+    lens = torch.tensor([40, 7], dtype=torch.int32)
+    fast, fast_lse = gk.decode_attention(q, k, v, lens, block_table=table, return_lse=True)
+    general, general_lse = gk.decode_attention(q, k, v, lens, block_table=table, window=[-1, -1], softcap=0,
+                                               return_lse=True)  # fmt: skip
+    assert torch.equal(fast, general) and torch.equal(fast_lse, general_lse)
+    assert torch.equal(gk.decode_attention(q, k, v, lens, block_table=table), fast)
+    scaled = gk.decode_attention(q, k, v, lens, block_table=table, softmax_scale=0.3)
+    assert torch.equal(scaled, gk.decode_attention(q, k, v, lens, block_table=table, softmax_scale=0.3, window=[-1, -1]))
+    assert not torch.equal(scaled, fast)
+
+
+def test_head_dim_zero_is_a_clear_error():
+    k = torch.randn(1, 4, 1, 0)
+    with pytest.raises(ValueError, match="head_dim"):
+        gk.decode_attention(torch.randn(1, 1, 1, 0), k, k, torch.tensor([4], dtype=torch.int32))
+
+
+@pytest.mark.skipif(not has_emulation(), reason="built without emulation")
+def test_emulation_in_another_thread_does_not_reach_this_one():
+    # emulate_cuda() is per thread: while another thread is inside it, this thread's calls still
+    # run the CPU kernels (head dim 72 has no CUDA kernel, so the emulated path would raise)
+    import threading
+
+    k, v, _ = make_cache(1, 8, 1, 72, torch.float32)
+    q, lens = torch.randn(1, 1, 1, 72), torch.tensor([8], dtype=torch.int32)
+    inside, done, errors = threading.Event(), threading.Event(), []
+
+    def other():
+        with emulate_cuda():
+            inside.set()
+            try:
+                gk.decode_attention(q, k, v, lens)
+            except ValueError as e:
+                errors.append(e)
+            done.wait(30)
+
+    t = threading.Thread(target=other)
+    t.start()
+    try:
+        assert inside.wait(30)
+        want, _ = ref.decode_attention(q, k, v, lens)
+        assert_close("out", gk.decode_attention(q, k, v, lens), want)
+    finally:
+        done.set()
+        t.join(30)
+    assert len(errors) == 1 and "head_dim" in str(errors[0])
+    assert_close("out after", gk.decode_attention(q, k, v, lens), want)

@@ -15,6 +15,8 @@ DEVICE_CPU, DEVICE_CUDA, DEVICE_EMULATED = 0, 1, 2
 DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 _state = threading.local()
+_emulating_threads = 0  # threads inside emulate_cuda(): while 0, emulating() is False without the thread-local lookup
+_emulating_lock = threading.Lock()
 _num_threads_override: int | None = None
 _poison_outputs = False  # tests: fill new outputs with NaN so an unwritten element fails
 
@@ -37,8 +39,12 @@ def emulating() -> bool:
 
 
 def set_emulating(on: bool) -> bool:
+    global _emulating_threads
     old = emulating()
-    _state.emulate_cuda = on
+    if bool(on) != old:
+        with _emulating_lock:
+            _emulating_threads += 1 if on else -1
+    _state.emulate_cuda = bool(on)
     return old
 
 

@@ -17,6 +17,13 @@ from ._checks import FLOAT_DTYPES, check_same_device, check_same_dtype, check_sh
 from .tools.instantiations import DECODE_HEAD_DIMS
 
 
+_Tensor = torch.Tensor
+_NO_WINDOW = (-1, -1)  # decode_attention's default window, recognised by identity on the fast path
+_is_compiling = torch.compiler.is_compiling
+_dispatch_stack_len = torch._C._len_torch_dispatch_stack
+_function_mode_enabled = torch._C._is_torch_function_mode_enabled
+
+
 def decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -25,7 +32,7 @@ def decode_attention(
     *,
     block_table: torch.Tensor | None = None,
     causal: bool = True,
-    window: tuple[int, int] = (-1, -1),
+    window: tuple[int, int] = _NO_WINDOW,
     softmax_scale: float | None = None,
     softcap: float = 0.0,
     alibi_slopes: torch.Tensor | None = None,
@@ -62,18 +69,26 @@ def decode_attention(
     the 0 / ``-inf`` of an empty sequence). Other sequences are unaffected.
     CUDA kernels exist for head dims in ``tools.instantiations.DECODE_HEAD_DIMS``.
     """
+    # Decode runs once per layer per token. Plain eager CPU calls with plain tensors and default
+    # window/ALiBi take _decode_cpu_fast directly: no dispatcher (~3 us), no helper-based checks
+    # (~3 us), no log-sum-exp buffer unless asked for. It returns None when any check fails, and
+    # the general path below then raises the named error. Anything that must see the op
+    # (torch.compile, fake tensors, dispatch modes, tensor subclasses) goes through
+    # torch.ops.genkernels.decode_attention as registered.
+    if (type(q) is _Tensor and type(k_cache) is _Tensor and type(v_cache) is _Tensor and type(cache_seqlens) is _Tensor
+            and (block_table is None or type(block_table) is _Tensor) and alibi_slopes is None and window is _NO_WINDOW
+            and not _native._emulating_threads and not _is_compiling() and not _dispatch_stack_len()
+            and not _function_mode_enabled()):  # fmt: skip
+        res = _decode_cpu_fast(q, k_cache, v_cache, cache_seqlens, block_table, causal, softmax_scale, softcap,
+                               num_splits, return_lse)  # fmt: skip
+        if res is not None:
+            return res if return_lse else res[0]
     window_left, window_right = _check_window(window)
     scale = _resolve_scale(softmax_scale, q)
-    # Decode runs once per layer per token: in plain eager mode skip the dispatcher (~3 us) and,
-    # for plain CPU calls, the helper-based checks (_decode_cpu_fast, ~3 us); anything that must
-    # see the op (torch.compile, fake tensors, dispatch modes, tensor subclasses) goes through
-    # torch.ops.genkernels.decode_attention as registered. The direct paths also skip the
-    # log-sum-exp buffer when it is not asked for.
     args = (q, k_cache, v_cache, cache_seqlens, block_table, causal, window_left, window_right, scale, float(softcap),
             alibi_slopes, int(num_splits))  # fmt: skip
     if _plain_eager(q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes):
-        res = _decode_cpu_fast(*args, return_lse)
-        out, lse = res if res is not None else decode_impl(*args, want_lse=return_lse)
+        out, lse = decode_impl(*args, want_lse=return_lse)
     else:
         out, lse = torch.ops.genkernels.decode_attention(*args)
     return (out, lse) if return_lse else out
@@ -103,6 +118,8 @@ def _resolve_scale(softmax_scale, q) -> float:
     if softmax_scale is None:
         if not isinstance(q, torch.Tensor) or q.dim() < 1:
             raise TypeError("q must be a torch.Tensor with a head_dim axis")
+        if q.shape[-1] == 0:
+            raise ValueError("q has head_dim 0; it must be at least 1")
         return q.shape[-1] ** -0.5
     if not isinstance(softmax_scale, (int, float)) or not math.isfinite(softmax_scale):
         raise TypeError(f"softmax_scale must be a finite float or None, got {softmax_scale!r}")
@@ -231,13 +248,16 @@ def decode_impl(q, k_cache, v_cache, cache_seqlens, block_table, causal, window_
 _INT32 = torch.int32
 
 
-def _decode_cpu_fast(q, k_cache, v_cache, cache_seqlens, block_table, causal, window_left, window_right, softmax_scale,
-                     softcap, alibi_slopes, num_splits, want_lse):  # fmt: skip
+def _decode_cpu_fast(q, k_cache, v_cache, cache_seqlens, block_table, causal, softmax_scale, softcap, num_splits,
+                     want_lse):  # fmt: skip
     """The CPU call of one decode step with every check of ``_validate`` done inline (one read of
     each tensor attribute, no helper calls): about half of the wrapper's cost. Returns None when
-    any check fails or the call is not a plain CPU one; decode_impl then runs the named checks
-    (and raises) or the call. Callers guarantee plain tensors (``_plain_eager``)."""
-    if alibi_slopes is not None or not q.is_cpu or _native.emulating():
+    any check fails or the call is not a plain CPU one; decode_attention then takes the general
+    path, which names the bad argument. Callers guarantee plain tensors, no ALiBi, the default
+    window and no emulation."""
+    if not q.is_cpu or type(causal) is not bool or type(softcap) is not float or not softcap >= 0:
+        return None
+    if type(num_splits) is not int or not 0 <= num_splits <= 1024:
         return None
     qsh, ksh = q.shape, k_cache.shape
     if len(qsh) != 4 or len(ksh) != 4 or v_cache.shape != ksh:
@@ -248,7 +268,11 @@ def _decode_cpu_fast(q, k_cache, v_cache, cache_seqlens, block_table, causal, wi
             or not (k_cache.is_cpu and v_cache.is_cpu and cache_seqlens.is_cpu)):  # fmt: skip
         return None
     heads_kv = ksh[2]
-    if heads_kv == 0 or heads_q % heads_kv or not softcap >= 0 or not 0 <= num_splits <= 1024:
+    if heads_kv == 0 or heads_q % heads_kv or head_dim == 0:
+        return None
+    if softmax_scale is None:
+        softmax_scale = head_dim**-0.5
+    elif type(softmax_scale) is not float or not math.isfinite(softmax_scale):
         return None
     qs, ks, vs = q.stride(), k_cache.stride(), v_cache.stride()
     if (qs[3] != 1 and head_dim > 1) or (ks[3] != 1 and head_dim > 1) or (vs[3] != 1 and head_dim > 1):
@@ -273,7 +297,7 @@ def _decode_cpu_fast(q, k_cache, v_cache, cache_seqlens, block_table, causal, wi
         k_cache.data_ptr(), v_cache.data_ptr(), ks[0], ks[1], ks[2], vs[0], vs[1], vs[2],
         bt_ptr, bt_stride, page_size, capacity, num_pages, cache_seqlens.data_ptr(), 0, 0,
         out.data_ptr(), 0 if lse is None else lse.data_ptr(), 0, 0, batch, seqlen_q, heads_q, heads_kv, head_dim,
-        num_splits, softmax_scale, softcap, causal, window_left, window_right, 0, _native.num_threads(),
+        num_splits, softmax_scale, softcap, causal, -1, -1, 0, _native.num_threads(),
     )  # fmt: skip
     return out, lse
 

@@ -232,7 +232,7 @@ void finish_rows(const DecodeParams& p, Scratch& sc, int64_t b, int split, int64
   const int64_t D = p.head_dim, G = p.group(), Sq = p.seqlen_q, R = Sq * G;
   for (int64_t rr = 0; rr < p.heads_kv * R; ++rr) {
     const int64_t kvh = rr / R, r = rr % R, s = r / G, h = kvh * G + r % G;
-    const float inv = sc.stats[rr].inv_denominator(), lse = sc.stats[rr].lse();
+    const float inv = sc.stats[rr].inv_denominator();
     float* acc = sc.acc.data() + rr * dp;
     const int64_t row = (b * Sq + s) * p.heads_q + h;          // (batch, seqlen_q, heads_q)
     const int64_t lse_idx = (b * p.heads_q + h) * Sq + s;     // (batch, heads_q, seqlen_q)
@@ -241,12 +241,12 @@ void finish_rows(const DecodeParams& p, Scratch& sc, int64_t b, int split, int64
       int64_t d = 0;
       for (; d + W <= D; d += W) (VecF::load(acc + d) * VecF::set1(inv)).store(out + d);
       for (; d < D; ++d) out[d] = from_float<T>(acc[d] * inv);
-      if (p.lse) p.lse[lse_idx] = lse;
+      if (p.lse) p.lse[lse_idx] = sc.stats[rr].lse();  // (a logf: only when asked for)
     } else {
       const int64_t rows = p.batch * Sq * p.heads_q;
       float* out = p.partial_out + (split * rows + row) * D;
       for (int64_t d = 0; d < D; ++d) out[d] = acc[d] * inv;
-      p.partial_lse[split * rows + lse_idx] = lse;
+      p.partial_lse[split * rows + lse_idx] = sc.stats[rr].lse();
     }
   }
 }
