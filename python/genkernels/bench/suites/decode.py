@@ -2,7 +2,8 @@
 token per sequence, cache lengths 1k-64k, batch 1 and 8, fp32 and bf16, contiguous and paged
 (page 16) caches. Baselines: ``scaled_dot_product_attention`` with ``enable_gqa=True``, and the
 faster PyTorch formulation that folds a group's query heads into the query axis. GB/s counts
-the cache read (K and V once), which dominates the traffic."""
+the cache read (K and V once), which dominates the traffic. The ``decode_attention_overhead``
+cases (a one-token cache, warm) measure the per-call cost: wrapper, binding, output allocation."""
 from __future__ import annotations
 
 import torch
@@ -71,3 +72,12 @@ for dtype in DTYPES:
                         bound="memory", size=length, quick=(batch, length) in QUICK and not paged,
                         tags=("decode_attention",),
                     ))  # fmt: skip
+
+# Per-call overhead: one token against a one-token cache (the kernel does almost nothing), warm,
+# batch 1; the wrapper, binding and output allocation against PyTorch's folded call.
+for dtype in DTYPES:
+    register(Case(
+        suite=SUITE, op="decode_attention_overhead", shape=f"(1,1,{HEADS_Q},{HEAD_DIM}) kv{HEADS_KV}x1", dtype=dtype,
+        make_inputs=_inputs(1, 1, dtype, False), genkernels=_genkernels, baseline=sdpa_folded,
+        baseline_label="torch folded", size=1, quick=True, cold=False, tags=("decode_attention", "overhead"),
+    ))  # fmt: skip
