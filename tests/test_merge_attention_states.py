@@ -89,15 +89,44 @@ def test_empty_partials_contribute_nothing(backend, rng, dtype):
 
 
 @pytest.mark.parametrize("bad", [NAN, POS_INF])
-def test_nan_and_posinf_lse_propagate(backend, rng, bad):
+@pytest.mark.parametrize("which", [0, 1])
+def test_nan_and_posinf_lse_propagate(backend, rng, bad, which):
     outs, lses = make_partials(rng, 2, 1, 3, 2, 16, torch.float32)
-    lses[1, 0, 1, 2] = bad
+    lses[which, 0, 1, 2] = bad
     out, lse = gk.merge_attention_states_n(outs, lses)
     assert torch.isnan(out[0, 2, 1]).all() and torch.isnan(lse[0, 1, 2])
     keep = torch.ones(1, 3, 2, dtype=torch.bool)
     keep[0, 2, 1] = False
     assert torch.isfinite(out[keep]).all()
     check(outs, lses, out, lse)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n", [1, 2, 3, 8])
+def test_long_sequences_special_values(backend, rng, dtype, n):
+    # sequences long enough for the CPU kernel's path that computes the statistics of a vector
+    # of positions at once (whole blocks and a tail), with every special value inside a block
+    outs, lses = make_partials(rng, n, 2, 37, 3, 64, dtype)
+    lses[:, 1, 2, 20] = NEG_INF  # a row where every partial is empty
+    outs[:, 1, 20, 2] = NAN
+    lses[n - 1, 1, 0, 33] = NAN  # poisoned rows: NaN or +inf LSE
+    lses[0, 0, 2, 17] = POS_INF
+    if n > 1:
+        lses[0, 0, 1, 2] = NEG_INF  # an empty partial whose garbage must not leak
+        outs[0, 0, 2, 1] = NAN
+    out, lse = gk.merge_attention_states_n(outs, lses)
+    assert (out[1, 20, 2] == 0).all() and lse[1, 2, 20] == NEG_INF
+    assert torch.isnan(out[1, 33, 0]).all() and torch.isnan(lse[1, 0, 33])
+    assert torch.isnan(out[0, 17, 2]).all() and torch.isnan(lse[0, 2, 17])
+    bad = torch.zeros(2, 37, 3, dtype=torch.bool)
+    bad[1, 33, 0] = bad[0, 17, 2] = True
+    assert torch.isfinite(out[~bad]).all()
+    check(outs, lses, out, lse)
+    # the same partials with the LSEs stored (b, s, h) and viewed as (b, h, s): the row-by-row path
+    lses_t = lses.transpose(2, 3).contiguous().transpose(2, 3)
+    out_t, lse_t = gk.merge_attention_states_n(outs, lses_t)
+    torch.testing.assert_close(out_t, out, rtol=2e-6 if dtype == torch.float32 else 1e-2, atol=1e-6, equal_nan=True)
+    torch.testing.assert_close(lse_t, lse, rtol=1e-6, atol=1e-6, equal_nan=True)
 
 
 def test_large_lse_differences_do_not_overflow(backend, rng):

@@ -56,9 +56,9 @@ struct ScalarSoftmaxOps {
 // returns {1, 0} and the caller must skip its accumulator (0 * NaN would still be NaN).
 GK_HOST_DEVICE GK_INLINE MergeFactors merge_softmax_stats(float& m, float& d, float m2, float d2) {
   if (m2 == -INFINITY) return {1.f, 0.f};
-  if (m == -INFINITY) {
-    m = m2;
-    d = d2;
+  if (m == -INFINITY) {  // the first non-empty side, taken as is; m2 = +inf poisons d as the
+    m = m2;                // general rule below would (exp(inf - inf)), so the LSE becomes NaN
+    d = m2 == INFINITY ? NAN : d2;
     return {0.f, 1.f};
   }
   // Both sides non-empty: base = m_new (or NaN), the rule of softmax_rescale.

@@ -7,6 +7,7 @@
 // CUDA kernel), pass 2 streams each non-empty partial's head_dim vector once, SIMD, fp32
 // accumulation, and writes the output once.
 #pragma once
+#include <algorithm>
 #include <cmath>
 #include "core/merge_params.h"
 #include "core/softmax_state.h"
@@ -22,11 +23,12 @@ template <class T>
 struct RowPartials {
   const MergeStatesParams& p;
   int64_t b, s, h;
-  float lse(int64_t i) const {
+  const float* lse_ptr(int64_t i) const {
     const float* base = i == 0 ? p.lse_first : p.lse_rest + (i - 1) * p.lse_partial_stride;
     const int64_t* st = i == 0 ? p.lse_first_stride : p.lse_rest_stride;
-    return base[b * st[0] + h * st[1] + s * st[2]];
+    return base + b * st[0] + h * st[1] + s * st[2];
   }
+  float lse(int64_t i) const { return *lse_ptr(i); }
   const T* out(int64_t i) const {
     const T* base = static_cast<const T*>(i == 0 ? p.out_first : p.out_rest) + (i == 0 ? 0 : (i - 1) * p.out_partial_stride);
     const int64_t* st = i == 0 ? p.out_first_stride : p.out_rest_stride;
@@ -97,6 +99,71 @@ void merge_row(const MergeStatesParams& p, int64_t b, int64_t s, int64_t h, TOut
       acc += stats.partial_weight(lse, inv_d) * to_float(row.out(i)[d]);
     }
     dst[d] = from_float<TOut>(acc);
+  }
+}
+
+// Whether merge_rows_along_s applies: every partial's LSE contiguous along the sequence (the
+// layout of the op's outputs) and few enough partials to gather.
+inline bool lse_contiguous_along_s(const MergeStatesParams& p) {
+  return p.num_partials <= kMaxGathered && p.lse_first_stride[2] == 1 && (p.num_partials == 1 || p.lse_rest_stride[2] == 1);
+}
+
+// Scratch of merge_block_along_s, in floats per array: at most this many (head, partial, lane)
+// statistics per block.
+constexpr int kBlockStats = 2048;
+
+// Heads per block for N partials: whole heads while N * kWidth * heads fits kBlockStats.
+inline int64_t block_heads(int64_t heads, int64_t num_partials) {
+  return std::max<int64_t>(1, std::min<int64_t>(heads, kBlockStats / (num_partials * VecF::kWidth)));
+}
+
+// The rows (b, s0 + j, h0 + k), j < n <= VecF::kWidth, k < nh (nh <= block_heads), for LSEs
+// contiguous along s. First the statistics: per head one vector of LSEs per partial, the n rows
+// on SIMD lanes with the rule of softmax_rescale (the same special values as merge_row: -inf
+// partials skipped, NaN or +inf poisoning the row), where merge_row spends 2 + N scalar expf per
+// row. Then the rows in memory order (position by position, heads in order), each one streaming
+// its partials as merge_row does. dst points at row (b, s0, h0) of the contiguous
+// (batch, seqlen, heads, head_dim) output; dst_lse (may be null) at (b, h0, s0) of (batch,
+// heads, seqlen).
+template <class T, class TOut = T>
+void merge_block_along_s(const MergeStatesParams& p, int64_t b, int64_t s0, int n, int64_t h0, int64_t nh, TOut* dst,
+                         float* dst_lse) {
+  constexpr int W = VecF::kWidth;
+  const int64_t N = p.num_partials, D = p.head_dim, H = p.heads, S = p.seqlen;
+  alignas(64) float lse[kBlockStats], wv[kBlockStats], mv[kBlockStats / W], dv[kBlockStats / W];
+  for (int64_t k = 0; k < nh; ++k) {
+    const RowPartials<T> rows{p, b, s0, h0 + k};
+    VecF m = VecF::set1(-INFINITY), d = VecF::zero();
+    float* l = lse + k * N * W;
+    for (int64_t i = 0; i < N; ++i) {
+      const float* src = rows.lse_ptr(i);
+      for (int j = 0; j < W; ++j) l[i * W + j] = j < n ? src[j] : -INFINITY;
+      const VecF x = VecF::load(l + i * W);
+      const SoftmaxRescale<VecF> r = softmax_rescale<VecSoftmaxOps>(m, x);
+      d = fmadd(d, r.self, vexp(x - r.base));  // an empty lane (x = -inf) adds exp(-inf) = 0
+      m = r.m_new;
+    }
+    m.store(mv + k * W), d.store(dv + k * W);
+    alignas(64) float inv[W];
+    for (int j = 0; j < W; ++j) inv[j] = softmax_inv_denominator(dv[k * W + j]);
+    // weight of partial i in row j, read only where its LSE is not -inf
+    for (int64_t i = 0; i < N; ++i) (vexp(VecF::load(l + i * W) - m) * VecF::load(inv)).store(wv + (k * N + i) * W);
+    if (dst_lse)
+      for (int j = 0; j < n; ++j) dst_lse[k * S + j] = softmax_lse(mv[k * W + j], dv[k * W + j]);
+  }
+  for (int j = 0; j < n; ++j) {
+    for (int64_t k = 0; k < nh; ++k) {
+      const RowPartials<T> row{p, b, s0 + j, h0 + k};
+      const T* src[kMaxGathered];
+      float w[kMaxGathered];
+      int c = 0;
+      for (int64_t i = 0; i < N; ++i) {
+        if (lse[(k * N + i) * W + j] == -INFINITY) continue;
+        src[c] = row.out(i);
+        w[c++] = wv[(k * N + i) * W + j];
+      }
+      weighted_sum(src, w, c, D, dst + (j * H + k) * D);
+    }
   }
 }
 
