@@ -25,31 +25,6 @@
 //    every row of the head accumulates into its fp32 output row (in L1).
 #pragma once
 #if defined(GK_SIMD_AVX512)
-// Prefetches the (token, kv head) rows of one tile, `per_step` cache lines per call of
-// step(), in memory order (token by token, heads in order), so that the prefetches spread
-// evenly over the loop that calls it.
-struct TilePrefetcher {
-  const char* base = nullptr;
-  const int64_t* token_off = nullptr;  // elements, head 0
-  int64_t esize = 0, tokens = 0, heads = 0, head_stride = 0, row_lines = 0, per_step = 0;  // sizes in bytes
-  int64_t token = 0, head = 0, line = 0;
-
-  TilePrefetcher(const void* b, int64_t element_size, const int64_t* off, int64_t n, int64_t h, int64_t head_stride_elems,
-                 int64_t row_bytes, int64_t steps)
-      : base(static_cast<const char*>(b)), token_off(off), esize(element_size), tokens(n), heads(h),
-        head_stride(head_stride_elems * element_size), row_lines((row_bytes + 63) / 64),
-        per_step(steps > 0 ? (n * h * row_lines + steps - 1) / steps : 0) {}
-  GK_INLINE void step() {
-    for (int64_t i = 0; i < per_step && token < tokens; ++i) {
-      _mm_prefetch(base + token_off[token] * esize + head * head_stride + line * 64, _MM_HINT_T0);
-      if (++line == row_lines) {
-        line = 0;
-        if (++head == heads) head = 0, ++token;
-      }
-    }
-  }
-};
-
 // Accumulator i of a 16-way block holds item kKeyOfAcc[i], so that the transpose reduction's
 // output lane j is item j (the reduction leaves lane order 0-3, 8-11, 4-7, 12-15). The map is
 // its own inverse.

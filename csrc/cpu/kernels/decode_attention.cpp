@@ -9,7 +9,11 @@
 // Keys stream in tiles of kTile tokens: the tile's token offsets are looked up once (page table
 // hoisted out of every inner loop) and shared by every head; fp16/bf16 rows are converted once
 // into an fp32 tile in L1 (generic path), then scores (SIMD dot products), the online softmax of
-// csrc/core (SoftmaxStats, vector exp) and the P.V accumulation (fp32) reuse that tile.
+// csrc/core (SoftmaxStats, vector exp) and the P.V accumulation (fp32) reuse that tile. The
+// generic path walks a head's rows a tile at a time (256-512-byte runs a token apart), which the
+// hardware prefetchers follow poorly, so the next tile's rows are prefetched in memory order
+// (TilePrefetcher) over the dot products and the P.V loop: from DRAM at the AVX2 level, 1.2x
+// (fp32) to 1.4x (bf16) at two threads, at the cost of ~20% when the cache is already in L2.
 // Traffic: the visible part of K and V once, q and out once. Split-KV (batch smaller than the
 // thread count, or not a multiple of it) writes fp32 partials (normalised output + log-sum-exp)
 // that a second pass combines with the merge op's row merge (cpu/kernels/merge_row.h). OpenMP
@@ -92,10 +96,36 @@ Scratch& thread_scratch(int64_t rows, int64_t dp) {
   return sc;
 }
 
-// Scores of 4 keys against one query row: 4 independent accumulators.
-inline void dot4(const float* q, const float* const* k, int64_t dp, float* out) {
+// Prefetches the (token, kv head) rows of one tile, `per_step` cache lines per call of
+// step(), in memory order (token by token, heads in order), so that the prefetches spread
+// evenly over the loop that calls it.
+struct TilePrefetcher {
+  const char* base = nullptr;
+  const int64_t* token_off = nullptr;  // elements, head 0
+  int64_t esize = 0, tokens = 0, heads = 0, head_stride = 0, row_lines = 0, per_step = 0;  // sizes in bytes
+  int64_t token = 0, head = 0, line = 0;
+
+  TilePrefetcher(const void* b, int64_t element_size, const int64_t* off, int64_t n, int64_t h, int64_t head_stride_elems,
+                 int64_t row_bytes, int64_t steps)
+      : base(static_cast<const char*>(b)), token_off(off), esize(element_size), tokens(n), heads(h),
+        head_stride(head_stride_elems * element_size), row_lines((row_bytes + 63) / 64),
+        per_step(steps > 0 ? (n * h * row_lines + steps - 1) / steps : 0) {}
+  GK_INLINE void step() {
+    for (int64_t i = 0; i < per_step && token < tokens; ++i) {
+      __builtin_prefetch(base + token_off[token] * esize + head * head_stride + line * 64, 0, 3);  // PREFETCHT0
+      if (++line == row_lines) {
+        line = 0;
+        if (++head == heads) head = 0, ++token;
+      }
+    }
+  }
+};
+
+// Scores of 4 keys against one query row: 4 independent accumulators; steps `pf` per vector.
+inline void dot4(const float* q, const float* const* k, int64_t dp, float* out, TilePrefetcher& pf) {
   VecF a0 = VecF::zero(), a1 = VecF::zero(), a2 = VecF::zero(), a3 = VecF::zero();
   for (int64_t d = 0; d < dp; d += W) {
+    pf.step();
     const VecF x = VecF::load(q + d);
     a0 = fmadd(x, VecF::load(k[0] + d), a0);
     a1 = fmadd(x, VecF::load(k[1] + d), a1);
@@ -105,12 +135,14 @@ inline void dot4(const float* q, const float* const* k, int64_t dp, float* out) 
   out[0] = reduce_add(a0), out[1] = reduce_add(a1), out[2] = reduce_add(a2), out[3] = reduce_add(a3);
 }
 
-// acc[d] += sum_j p[j] * v[j][d] over the tile, register blocks of up to 4 vectors.
-inline void accumulate_pv(float* acc, const float* p, const float* const* v, int nkeys, int64_t dp) {
+// acc[d] += sum_j p[j] * v[j][d] over the tile, register blocks of up to 4 vectors; steps `pf`
+// per key of each block.
+inline void accumulate_pv(float* acc, const float* p, const float* const* v, int nkeys, int64_t dp, TilePrefetcher& pf) {
   int64_t d = 0;
   for (; d + 4 * W <= dp; d += 4 * W) {
     VecF a0 = VecF::load(acc + d), a1 = VecF::load(acc + d + W), a2 = VecF::load(acc + d + 2 * W), a3 = VecF::load(acc + d + 3 * W);
     for (int j = 0; j < nkeys; ++j) {
+      pf.step();
       const VecF w = VecF::set1(p[j]);
       const float* x = v[j] + d;
       a0 = fmadd(w, VecF::load(x), a0);
@@ -122,7 +154,7 @@ inline void accumulate_pv(float* acc, const float* p, const float* const* v, int
   }
   for (; d < dp; d += W) {
     VecF a = VecF::load(acc + d);
-    for (int j = 0; j < nkeys; ++j) a = fmadd(VecF::set1(p[j]), VecF::load(v[j] + d), a);
+    for (int j = 0; j < nkeys; ++j) pf.step(), a = fmadd(VecF::set1(p[j]), VecF::load(v[j] + d), a);
     a.store(acc + d);
   }
 }
@@ -181,9 +213,18 @@ void decode_work_item(const DecodeParams& p, Scratch& sc, int64_t b, int split) 
   const float* kptr[kTile];
   const float* vptr[kTile];
 
+  int64_t* knext = sc.koff.data() + kTileA;
+  int64_t* vnext = sc.voff.data() + kTileA;
+  const int64_t row_bytes = D * int64_t(sizeof(T)), esize = sizeof(T);
   for (int64_t t0 = split_keys.lo; t0 < split_keys.hi; t0 += kTile) {
     const int nk = int(std::min<int64_t>(kTile, split_keys.hi - t0));
     lookup_tile(p, b, t0, nk, koff, voff);  // hoisted: one lookup per token, shared by every head
+    // the next tile's rows, prefetched in memory order over this tile's dot products and P.V
+    const int nn = int(std::max<int64_t>(0, std::min<int64_t>(kTile, split_keys.hi - t0 - kTile)));
+    for (int j = 0; j < nn; ++j) cache_kv_offsets(p, b, t0 + kTile + j, knext[j], vnext[j]);
+    const int64_t rows = p.heads_kv * R;
+    TilePrefetcher kpf(p.k, esize, knext, nn, p.heads_kv, p.k_stride[2], row_bytes, rows * (kTile / 4) * (dp / W));
+    TilePrefetcher vpf(p.v, esize, vnext, nn, p.heads_kv, p.v_stride[2], row_bytes, rows * (dp / (4 * W) + dp % (4 * W) / W) * nk);
     for (int64_t kvh = 0; kvh < p.heads_kv; ++kvh) {
       const T* kbase = static_cast<const T*>(p.k) + kvh * p.k_stride[2];
       const T* vbase = static_cast<const T*>(p.v) + kvh * p.v_stride[2];
@@ -200,7 +241,7 @@ void decode_work_item(const DecodeParams& p, Scratch& sc, int64_t b, int split) 
         if (hi <= t0 || lo >= t0 + nk) continue;  // no visible key of this row in the tile
         float* srow = sc.scores.data() + rr * kTile;
         const float* qrow = sc.q.data() + rr * dp;
-        for (int j = 0; j < kTile; j += 4) dot4(qrow, kptr + j, dp, srow + j);
+        for (int j = 0; j < kTile; j += 4) dot4(qrow, kptr + j, dp, srow + j, kpf);
         const int64_t s = r / G, h = kvh * G + r % G;
         const float slope = p.alibi_slopes ? p.alibi_slopes[b * p.alibi_batch_stride + h] : 0.f;
         const int64_t pos = s + L - Sq;
@@ -218,7 +259,7 @@ void decode_work_item(const DecodeParams& p, Scratch& sc, int64_t b, int split) 
           for (int64_t d = 0; d < dp; d += W) (VecF::load(acc + d) * VecF::set1(f.self)).store(acc + d);
         if (f.other != 1.f)
           for (int j = 0; j < kTile; ++j) srow[j] *= f.other;
-        accumulate_pv(acc, srow, vptr, nk, dp);
+        accumulate_pv(acc, srow, vptr, nk, dp, vpf);
       }
     }
   }
