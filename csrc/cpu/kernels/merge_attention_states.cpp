@@ -3,8 +3,9 @@
 // Work: with LSEs contiguous along the sequence (the usual layout) and a sequence of at least
 // half a vector, blocks of one vector of positions x a run of heads (merge::merge_block_along_s:
 // the log-sum-exp statistics on SIMD lanes, then the rows in memory order); otherwise one row
-// (b, s, h) at a time (merge::merge_row). Items split statically across OpenMP threads. Traffic: N * D * sizeof(T) read + D * sizeof(T)
-// written per row; the op is memory bound, so the arithmetic is kept simple.
+// (b, s, h) at a time (merge::merge_row). Items split statically across OpenMP threads.
+// Traffic: N * D * sizeof(T) read + D * sizeof(T) written per row; the op is memory bound, so
+// the arithmetic is kept simple.
 // Compiled once per ISA level (GK_CPU_ISA_NS), see csrc/cpu/isa.h.
 #include <algorithm>
 

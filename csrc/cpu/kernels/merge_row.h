@@ -5,7 +5,8 @@
 //
 // Per row, pass 1 folds the partials' log-sum-exps into SoftmaxStats (csrc/core, shared with the
 // CUDA kernel), pass 2 streams each non-empty partial's head_dim vector once, SIMD, fp32
-// accumulation, and writes the output once.
+// accumulation, and writes the output once. merge_block_along_s does pass 1 for a vector of
+// positions at once when the LSEs allow it.
 #pragma once
 #include <algorithm>
 #include <cmath>
@@ -102,7 +103,7 @@ void merge_row(const MergeStatesParams& p, int64_t b, int64_t s, int64_t h, TOut
   }
 }
 
-// Whether merge_rows_along_s applies: every partial's LSE contiguous along the sequence (the
+// Whether merge_block_along_s applies: every partial's LSE contiguous along the sequence (the
 // layout of the op's outputs) and few enough partials to gather.
 inline bool lse_contiguous_along_s(const MergeStatesParams& p) {
   return p.num_partials <= kMaxGathered && p.lse_first_stride[2] == 1 && (p.num_partials == 1 || p.lse_rest_stride[2] == 1);
@@ -130,7 +131,8 @@ void merge_block_along_s(const MergeStatesParams& p, int64_t b, int64_t s0, int 
                          float* dst_lse) {
   constexpr int W = VecF::kWidth;
   const int64_t N = p.num_partials, D = p.head_dim, H = p.heads, S = p.seqlen;
-  alignas(64) float lse[kBlockStats], wv[kBlockStats], mv[kBlockStats / W], dv[kBlockStats / W];
+  // nh * N * W <= kBlockStats (block_heads), so each array holds the block's statistics
+  alignas(64) float lse[kBlockStats], wv[kBlockStats], mv[kBlockStats], dv[kBlockStats];
   for (int64_t k = 0; k < nh; ++k) {
     const RowPartials<T> rows{p, b, s0, h0 + k};
     VecF m = VecF::set1(-INFINITY), d = VecF::zero();
