@@ -129,6 +129,16 @@ def test_long_sequences_special_values(backend, rng, dtype, n):
     torch.testing.assert_close(lse_t, lse, rtol=1e-6, atol=1e-6, equal_nan=True)
 
 
+@pytest.mark.parametrize("n", [1, 2, 5])
+def test_many_heads_long_sequence(backend, rng, n):
+    # 40 heads x 20 positions: the CPU kernel's blocks then span many heads (up to its scratch
+    # size) and a partial vector of positions; under AddressSanitizer (.ci/run) this also checks
+    # the block's scratch bounds
+    outs, lses = make_partials(rng, n, 2, 20, 40, 16, torch.float32)
+    out, lse = gk.merge_attention_states_n(outs, lses)
+    check(outs, lses, out, lse)
+
+
 def test_large_lse_differences_do_not_overflow(backend, rng):
     outs, lses = make_partials(rng, 2, 1, 2, 2, 16, torch.float32)
     lses[0] = 1e4
