@@ -123,87 +123,58 @@ struct TilePrefetcher {
   }
 };
 
-// Scores of 4 keys against one query row: 4 independent accumulators; steps `pf` per vector.
-inline void dot4(const float* q, const float* const* k, int64_t dp, float* out, TilePrefetcher& pf) {
-  VecF a0 = VecF::zero(), a1 = VecF::zero(), a2 = VecF::zero(), a3 = VecF::zero();
+// Scores of 4 keys against NR (1 or 2) query rows q[r], written to out[r][0..3]: one load of a
+// key vector feeds every row, 4 x NR independent accumulators; steps `pf` per vector.
+template <int NR>
+inline void dot4(const float* const* q, const float* const* k, int64_t dp, float* const* out, TilePrefetcher& pf) {
+  VecF a[NR][4];
+  for (int r = 0; r < NR; ++r)
+    for (int j = 0; j < 4; ++j) a[r][j] = VecF::zero();
   for (int64_t d = 0; d < dp; d += W) {
     pf.step();
-    const VecF x = VecF::load(q + d);
-    a0 = fmadd(x, VecF::load(k[0] + d), a0);
-    a1 = fmadd(x, VecF::load(k[1] + d), a1);
-    a2 = fmadd(x, VecF::load(k[2] + d), a2);
-    a3 = fmadd(x, VecF::load(k[3] + d), a3);
-  }
-  out[0] = reduce_add(a0), out[1] = reduce_add(a1), out[2] = reduce_add(a2), out[3] = reduce_add(a3);
-}
-
-// acc[d] += sum_j p[j] * v[j][d] over the tile, register blocks of up to 4 vectors; steps `pf`
-// per key of each block.
-inline void accumulate_pv(float* acc, const float* p, const float* const* v, int nkeys, int64_t dp, TilePrefetcher& pf) {
-  int64_t d = 0;
-  for (; d + 4 * W <= dp; d += 4 * W) {
-    VecF a0 = VecF::load(acc + d), a1 = VecF::load(acc + d + W), a2 = VecF::load(acc + d + 2 * W), a3 = VecF::load(acc + d + 3 * W);
-    for (int j = 0; j < nkeys; ++j) {
-      pf.step();
-      const VecF w = VecF::set1(p[j]);
-      const float* x = v[j] + d;
-      a0 = fmadd(w, VecF::load(x), a0);
-      a1 = fmadd(w, VecF::load(x + W), a1);
-      a2 = fmadd(w, VecF::load(x + 2 * W), a2);
-      a3 = fmadd(w, VecF::load(x + 3 * W), a3);
-    }
-    a0.store(acc + d), a1.store(acc + d + W), a2.store(acc + d + 2 * W), a3.store(acc + d + 3 * W);
-  }
-  for (; d < dp; d += W) {
-    VecF a = VecF::load(acc + d);
-    for (int j = 0; j < nkeys; ++j) pf.step(), a = fmadd(VecF::set1(p[j]), VecF::load(v[j] + d), a);
-    a.store(acc + d);
-  }
-}
-
-// Scores of 4 keys against two query rows (one key load feeds both): 8 accumulators.
-inline void dot4x2(const float* q0, const float* q1, const float* const* k, int64_t dp, float* out0, float* out1,
-                   TilePrefetcher& pf) {
-  VecF a[2][4] = {{VecF::zero(), VecF::zero(), VecF::zero(), VecF::zero()},
-                  {VecF::zero(), VecF::zero(), VecF::zero(), VecF::zero()}};
-  for (int64_t d = 0; d < dp; d += W) {
-    pf.step();
-    const VecF x0 = VecF::load(q0 + d), x1 = VecF::load(q1 + d);
+    VecF x[NR];
+    for (int r = 0; r < NR; ++r) x[r] = VecF::load(q[r] + d);
     for (int j = 0; j < 4; ++j) {
       const VecF kj = VecF::load(k[j] + d);
-      a[0][j] = fmadd(x0, kj, a[0][j]);
-      a[1][j] = fmadd(x1, kj, a[1][j]);
+      for (int r = 0; r < NR; ++r) a[r][j] = fmadd(x[r], kj, a[r][j]);
     }
   }
-  for (int j = 0; j < 4; ++j) out0[j] = reduce_add(a[0][j]), out1[j] = reduce_add(a[1][j]);
+  for (int r = 0; r < NR; ++r)
+    for (int j = 0; j < 4; ++j) out[r][j] = reduce_add(a[r][j]);
 }
 
-// accumulate_pv for two rows: each value vector loaded feeds both accumulators.
-inline void accumulate_pv2(float* acc0, float* acc1, const float* p0, const float* p1, const float* const* v, int nkeys,
-                           int64_t dp, TilePrefetcher& pf) {
+// acc[r][d] += sum_j p[r][j] * v[j][d] over the tile for NR (1 or 2) rows: one load of a value
+// vector feeds every row, register blocks of up to 4 vectors per row; steps `pf` per key of each
+// block.
+template <int NR>
+inline void accumulate_pv(float* const* acc, const float* const* p, const float* const* v, int nkeys, int64_t dp,
+                          TilePrefetcher& pf) {
   int64_t d = 0;
   for (; d + 4 * W <= dp; d += 4 * W) {
-    VecF a[2][4];
-    for (int c = 0; c < 4; ++c) a[0][c] = VecF::load(acc0 + d + c * W), a[1][c] = VecF::load(acc1 + d + c * W);
+    VecF a[NR][4];
+    for (int r = 0; r < NR; ++r)
+      for (int c = 0; c < 4; ++c) a[r][c] = VecF::load(acc[r] + d + c * W);
     for (int j = 0; j < nkeys; ++j) {
       pf.step();
-      const VecF w0 = VecF::set1(p0[j]), w1 = VecF::set1(p1[j]);
+      VecF w[NR];
+      for (int r = 0; r < NR; ++r) w[r] = VecF::set1(p[r][j]);
       for (int c = 0; c < 4; ++c) {
         const VecF x = VecF::load(v[j] + d + c * W);
-        a[0][c] = fmadd(w0, x, a[0][c]);
-        a[1][c] = fmadd(w1, x, a[1][c]);
+        for (int r = 0; r < NR; ++r) a[r][c] = fmadd(w[r], x, a[r][c]);
       }
     }
-    for (int c = 0; c < 4; ++c) a[0][c].store(acc0 + d + c * W), a[1][c].store(acc1 + d + c * W);
+    for (int r = 0; r < NR; ++r)
+      for (int c = 0; c < 4; ++c) a[r][c].store(acc[r] + d + c * W);
   }
   for (; d < dp; d += W) {
-    VecF a0 = VecF::load(acc0 + d), a1 = VecF::load(acc1 + d);
+    VecF a[NR];
+    for (int r = 0; r < NR; ++r) a[r] = VecF::load(acc[r] + d);
     for (int j = 0; j < nkeys; ++j) {
       pf.step();
       const VecF x = VecF::load(v[j] + d);
-      a0 = fmadd(VecF::set1(p0[j]), x, a0), a1 = fmadd(VecF::set1(p1[j]), x, a1);
+      for (int r = 0; r < NR; ++r) a[r] = fmadd(VecF::set1(p[r][j]), x, a[r]);
     }
-    a0.store(acc0 + d), a1.store(acc1 + d);
+    for (int r = 0; r < NR; ++r) a[r].store(acc[r] + d);
   }
 }
 
@@ -270,7 +241,7 @@ void decode_work_item(const DecodeParams& p, Scratch& sc, int64_t b, int split) 
     // the next tile's rows, prefetched in memory order over this tile's dot products and P.V
     const int nn = int(std::max<int64_t>(0, std::min<int64_t>(kTile, split_keys.hi - t0 - kTile)));
     for (int j = 0; j < nn; ++j) cache_kv_offsets(p, b, t0 + kTile + j, knext[j], vnext[j]);
-    const int64_t rows = p.heads_kv * ((R + 1) / 2);  // passes: one per pair of rows
+    const int64_t rows = p.heads_kv * ((R + 1) / 2);  // dot / P.V passes: one per pair of rows
     TilePrefetcher kpf(p.k, esize, knext, nn, p.heads_kv, p.k_stride[2], row_bytes, rows * (kTile / 4) * (dp / W));
     TilePrefetcher vpf(p.v, esize, vnext, nn, p.heads_kv, p.v_stride[2], row_bytes, rows * (dp / (4 * W) + dp % (4 * W) / W) * nk);
     for (int64_t kvh = 0; kvh < p.heads_kv; ++kvh) {
@@ -314,20 +285,22 @@ void decode_work_item(const DecodeParams& p, Scratch& sc, int64_t b, int split) 
       for (int64_t r = 0; r < R; r += 2) {
         const int64_t rr = kvh * R + r;
         const bool v0 = visible(rr), v1 = r + 1 < R && visible(rr + 1);
-        float* s0 = sc.scores.data() + rr * kTile;
-        float* s1 = s0 + kTile;
-        const float* q0 = sc.q.data() + rr * dp;
-        if (v0 && v1) {
-          for (int j = 0; j < kTile; j += 4) dot4x2(q0, q0 + dp, kptr + j, dp, s0 + j, s1 + j, kpf);
-        } else if (v0 || v1) {
-          for (int j = 0; j < kTile; j += 4) dot4(v0 ? q0 : q0 + dp, kptr + j, dp, (v0 ? s0 : s1) + j, kpf);
-        } else {
-          continue;  // no visible key of either row in the tile
+        if (!v0 && !v1) continue;  // no visible key of either row in the tile
+        // the pair's rows that see the tile (r0 = the first of them), then those it adds to
+        const int64_t r0 = v0 ? rr : rr + 1;
+        const float* q[2] = {sc.q.data() + r0 * dp, sc.q.data() + (rr + 1) * dp};
+        float* srow[2] = {sc.scores.data() + r0 * kTile, sc.scores.data() + (rr + 1) * kTile};
+        for (int j = 0; j < kTile; j += 4) {
+          float* out[2] = {srow[0] + j, srow[1] + j};
+          if (v0 && v1) dot4<2>(q, kptr + j, dp, out, kpf);
+          else dot4<1>(q, kptr + j, dp, out, kpf);
         }
         const bool c0 = v0 && softmax_row(rr, r), c1 = v1 && softmax_row(rr + 1, r + 1);
-        float* a0 = sc.acc.data() + rr * dp;
-        if (c0 && c1) accumulate_pv2(a0, a0 + dp, s0, s1, vptr, nk, dp, vpf);
-        else if (c0 || c1) accumulate_pv(c0 ? a0 : a0 + dp, c0 ? s0 : s1, vptr, nk, dp, vpf);
+        const int64_t a0 = c0 ? rr : rr + 1;
+        float* acc[2] = {sc.acc.data() + a0 * dp, sc.acc.data() + (rr + 1) * dp};
+        const float* prob[2] = {sc.scores.data() + a0 * kTile, sc.scores.data() + (rr + 1) * kTile};
+        if (c0 && c1) accumulate_pv<2>(acc, prob, vptr, nk, dp, vpf);
+        else if (c0 || c1) accumulate_pv<1>(acc, prob, vptr, nk, dp, vpf);
       }
     }
   }
