@@ -182,17 +182,15 @@ void pv_quad(const DecodeParams& p, Scratch& sc, const RowLayout& rl, const floa
   }
 }
 
-// One PREFETCHT2 per token row (all kv heads) of K and V for tokens [t, t + n): issued two tiles
-// ahead, it takes the tile's TLB misses (a page walk per 4 KiB with the usual 4 KiB pages) a
-// tile before the data prefetches that would otherwise wait for them. In interleaved runs of a
-// standalone driver at 16k-64k tokens: fp32 +3-4% at two threads and +9-14% at one, paged fp32
-// +1-4%, bf16 within the noise.
-inline void warm_translations(const DecodeParams& p, int64_t b, int64_t t, int64_t n, int64_t esize) {
+// One PREFETCHT2 per token row (all kv heads) of K and V for the n tokens at offsets koff / voff
+// (elements, head 0): issued two tiles ahead, it takes the tile's TLB misses (a page walk per
+// 4 KiB with the usual 4 KiB pages) a tile before the data prefetches that would otherwise wait
+// for them. In interleaved runs of a standalone driver at 16k-64k tokens: fp32 +3-4% at two
+// threads and +9-14% at one, paged fp32 +1-4%, bf16 within the noise.
+inline void warm_translations(const DecodeParams& p, const int64_t* koff, const int64_t* voff, int64_t n, int64_t esize) {
   for (int64_t j = 0; j < n; ++j) {
-    int64_t ko, vo;
-    cache_kv_offsets(p, b, t + j, ko, vo);
-    _mm_prefetch(static_cast<const char*>(p.k) + ko * esize, _MM_HINT_T2);
-    _mm_prefetch(static_cast<const char*>(p.v) + vo * esize, _MM_HINT_T2);
+    _mm_prefetch(static_cast<const char*>(p.k) + koff[j] * esize, _MM_HINT_T2);
+    _mm_prefetch(static_cast<const char*>(p.v) + voff[j] * esize, _MM_HINT_T2);
   }
 }
 
@@ -217,24 +215,27 @@ void decode_work_item_avx512(const DecodeParams& p, Scratch& sc, int64_t b, cons
   const bool shared = rl.R % 4 == 0;  // every block of 4 rows belongs to one kv head
   const int64_t H = p.heads_kv, esize = sizeof(T);
   constexpr int64_t kStep = std::is_same_v<T, bf16_t> ? 32 : 16;  // tile_scores' head dims per step
-  // Token offsets (elements, head 0) of the current tile and of the next one, each looked up
-  // once and shared by every head: the next tile's, wanted for its prefetch, become the current
-  // ones on the next iteration.
-  int64_t* koff = sc.koff.data();
-  int64_t* voff = sc.voff.data();
-  int64_t* knext = sc.koff.data() + kTileA;
-  int64_t* vnext = sc.voff.data() + kTileA;
-  for (int j = 0; j < std::min<int64_t>(kTileA, split_keys.hi - split_keys.lo); ++j)
-    cache_kv_offsets(p, b, split_keys.lo + j, koff[j], voff[j]);
+  // Token offsets (elements, head 0) of the current tile, the next one and the one after, each
+  // looked up once and shared by every head: the tile after next's, wanted for its TLB warm-up,
+  // become the next tile's (for its prefetch), then the current ones.
+  int64_t* ko[3] = {sc.koff.data(), sc.koff.data() + kTileA, sc.koff.data() + 2 * kTileA};
+  int64_t* vo[3] = {sc.voff.data(), sc.voff.data() + kTileA, sc.voff.data() + 2 * kTileA};
+  auto tokens_from = [&](int64_t t) { return std::clamp<int64_t>(split_keys.hi - t, 0, kTileA); };
+  lookup_offsets(p, b, split_keys.lo, tokens_from(split_keys.lo), ko[0], vo[0]);
+  lookup_offsets(p, b, split_keys.lo + kTileA, tokens_from(split_keys.lo + kTileA), ko[1], vo[1]);
   float* st = sc.scores.data();
   for (int64_t t0 = split_keys.lo; t0 < split_keys.hi; t0 += kTileA) {
-    const int nk = int(std::min<int64_t>(kTileA, split_keys.hi - t0));
+    int64_t* koff = ko[0];
+    int64_t* voff = vo[0];
+    const int nk = int(tokens_from(t0));
     for (int j = nk; j < (nk + 3) / 4 * 4; ++j) koff[j] = koff[0], voff[j] = voff[0];  // quad padding: token t0
+    const int64_t n2 = tokens_from(t0 + 2 * kTileA);
+    lookup_offsets(p, b, t0 + 2 * kTileA, n2, ko[2], vo[2]);
+    warm_translations(p, ko[2], vo[2], n2, esize);
     // the next tile's rows, prefetched during this tile's K and V loops
-    const int64_t tn = t0 + kTileA;
-    const int nn = int(std::max<int64_t>(0, std::min<int64_t>(kTileA, split_keys.hi - tn)));
-    for (int j = 0; j < nn; ++j) cache_kv_offsets(p, b, tn + j, knext[j], vnext[j]);
-    warm_translations(p, b, t0 + 2 * kTileA, std::min<int64_t>(kTileA, split_keys.hi - t0 - 2 * kTileA), esize);
+    const int nn = int(tokens_from(t0 + kTileA));
+    const int64_t* knext = ko[1];
+    const int64_t* vnext = vo[1];
     const int64_t quads = (nk + 3) / 4, row_bytes = D * esize, slabs = (D + 63) / 64;
     TilePrefetcher kpf(p.k, esize, knext, nn, H, p.k_stride[2], row_bytes, quads * (rl.NR4 / 4) * (D / kStep));
     TilePrefetcher vpf(p.v, esize, vnext, nn, H, p.v_stride[2], row_bytes, quads * rl.NR * slabs);
@@ -255,7 +256,7 @@ void decode_work_item_avx512(const DecodeParams& p, Scratch& sc, int64_t b, cons
       case 1: pv_quad<T, 1>(p, sc, rl, st + i0 * rl.NRP, voff + i0, vpf); break;
       default: break;
     }
-    std::swap(koff, knext), std::swap(voff, vnext);
+    std::rotate(ko, ko + 1, ko + 3), std::rotate(vo, vo + 1, vo + 3);
   }
   for (int64_t rr = 0; rr < rl.NR; ++rr) sc.stats[rr] = SoftmaxStats{sc.m[rr], sc.l[rr]};
 }

@@ -75,7 +75,7 @@ struct Scratch {
   std::vector<bf16_t> qb;  // bf16 query rows (AVX-512 path)
   std::vector<SoftmaxStats> stats;
   std::vector<int64_t> lo, hi;
-  std::vector<int64_t> koff, voff;  // token offsets (head 0) of a tile and of the next one
+  std::vector<int64_t> koff, voff;  // token offsets (head 0) of a tile and of the next one (two, AVX-512)
   // AVX-512 path: rows on lanes (visible ranges, running max / sum, rescale factors)
   std::vector<int32_t> lo32, hi32;
   std::vector<float> m, l, alpha;
@@ -86,7 +86,7 @@ struct Scratch {
     rows = (rows + 15) / 16 * 16;
     q.resize(rows * dp), acc.resize(rows * dp), scores.resize(rows * kTileA), kbuf.resize(kTile * dp);
     vbuf.resize(kTile * dp), qb.resize(rows * dp), stats.resize(rows), lo.resize(rows), hi.resize(rows);
-    koff.resize(2 * kTileA), voff.resize(2 * kTileA);
+    koff.resize(3 * kTileA), voff.resize(3 * kTileA);
     lo32.resize(rows), hi32.resize(rows), m.resize(rows), l.resize(rows), alpha.resize(rows), row_koff.resize(rows);
   }
 };
@@ -201,10 +201,10 @@ void init_rows(const DecodeParams& p, Scratch& sc, int64_t b, KeyRange split_key
   }
 }
 
-// Offsets (elements, head 0) of the tile's tokens in K and V; padding entries repeat token 0.
-inline void lookup_tile(const DecodeParams& p, int64_t b, int64_t t0, int nk, int64_t* koff, int64_t* voff) {
-  for (int j = 0; j < nk; ++j) cache_kv_offsets(p, b, t0 + j, koff[j], voff[j]);
-  for (int j = nk; j < kTile; ++j) koff[j] = koff[0], voff[j] = voff[0];  // masked padding
+// Offsets (elements, head 0) of tokens [t, t + n) of sequence b in K and V, each token's K and V
+// looked up once and shared by every head (none for n <= 0).
+inline void lookup_offsets(const DecodeParams& p, int64_t b, int64_t t, int64_t n, int64_t* koff, int64_t* voff) {
+  for (int64_t j = 0; j < n; ++j) cache_kv_offsets(p, b, t + j, koff[j], voff[j]);
 }
 
 #include "cpu/decode_attention_avx512.h"
@@ -232,15 +232,17 @@ void decode_work_item(const DecodeParams& p, Scratch& sc, int64_t b, int split) 
   const float* kptr[kTile];
   const float* vptr[kTile];
 
+  // the current tile's offsets and the next one's, which become the current ones on the next step
   int64_t* knext = sc.koff.data() + kTileA;
   int64_t* vnext = sc.voff.data() + kTileA;
   const int64_t row_bytes = D * int64_t(sizeof(T)), esize = sizeof(T);
+  lookup_offsets(p, b, split_keys.lo, std::min<int64_t>(kTile, split_keys.hi - split_keys.lo), koff, voff);
   for (int64_t t0 = split_keys.lo; t0 < split_keys.hi; t0 += kTile) {
     const int nk = int(std::min<int64_t>(kTile, split_keys.hi - t0));
-    lookup_tile(p, b, t0, nk, koff, voff);  // hoisted: one lookup per token, shared by every head
+    for (int j = nk; j < kTile; ++j) koff[j] = koff[0], voff[j] = voff[0];  // masked padding: token t0
     // the next tile's rows, prefetched in memory order over this tile's dot products and P.V
-    const int nn = int(std::max<int64_t>(0, std::min<int64_t>(kTile, split_keys.hi - t0 - kTile)));
-    for (int j = 0; j < nn; ++j) cache_kv_offsets(p, b, t0 + kTile + j, knext[j], vnext[j]);
+    const int nn = int(std::clamp<int64_t>(split_keys.hi - t0 - kTile, 0, kTile));
+    lookup_offsets(p, b, t0 + kTile, nn, knext, vnext);
     const int64_t rows = p.heads_kv * ((R + 1) / 2);  // dot / P.V passes: one per pair of rows
     TilePrefetcher kpf(p.k, esize, knext, nn, p.heads_kv, p.k_stride[2], row_bytes, rows * (kTile / 4) * (dp / W));
     TilePrefetcher vpf(p.v, esize, vnext, nn, p.heads_kv, p.v_stride[2], row_bytes, rows * (dp / (4 * W) + dp % (4 * W) / W) * nk);
@@ -303,6 +305,7 @@ void decode_work_item(const DecodeParams& p, Scratch& sc, int64_t b, int split) 
         else if (c0 || c1) accumulate_pv<1>(acc, prob, vptr, nk, dp, vpf);
       }
     }
+    std::swap(koff, knext), std::swap(voff, vnext);
   }
   finish_rows<T>(p, sc, b, split, dp);
 }
