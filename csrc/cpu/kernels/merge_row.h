@@ -17,7 +17,7 @@
 namespace gk::cpu::GK_CPU_ISA_NS::merge {
 
 // Up to this many partials, a row first gathers the non-empty partials' pointers and weights
-// (one expf each), so the streaming loops below are nothing but loads and FMAs.
+// (sum_nonempty_partials).
 constexpr int kMaxGathered = 64;
 
 template <class T>
@@ -64,6 +64,24 @@ void weighted_sum(const T* const* src, const float* w, int n, int64_t D, TOut* d
   }
 }
 
+// dst = sum over the non-empty partials i of row (lse_of(i) != -inf; N <= kMaxGathered) of
+// weight_of(i, lse_of(i)) * out(i): empty partials are skipped, their outputs never read (they may hold
+// garbage or NaN). The pointers and weights are gathered first, so the streaming loops of
+// weighted_sum are nothing but loads and FMAs.
+template <class T, class TOut, class LseOf, class WeightOf>
+void sum_nonempty_partials(const RowPartials<T>& row, int64_t N, LseOf lse_of, WeightOf weight_of, int64_t D, TOut* dst) {
+  const T* src[kMaxGathered];
+  float w[kMaxGathered];
+  int n = 0;
+  for (int64_t i = 0; i < N; ++i) {
+    const float lse = lse_of(i);
+    if (lse == -INFINITY) continue;
+    src[n] = row.out(i);
+    w[n++] = weight_of(i, lse);
+  }
+  weighted_sum(src, w, n, D, dst);
+}
+
 // Row (b, s, h): the partials are T (p.out_first / p.out_rest), the output TOut at dst (D
 // elements) and the log-sum-exp at dst_lse (may be null).
 template <class T, class TOut = T>
@@ -77,19 +95,11 @@ void merge_row(const MergeStatesParams& p, int64_t b, int64_t s, int64_t h, TOut
   const float inv_d = stats.inv_denominator();
   if (dst_lse) *dst_lse = stats.lse();
 
-  const T* src[kMaxGathered];
-  float w[kMaxGathered];
   // Empty partials (lse = -inf) are skipped: their outputs are never read. More partials than
   // kMaxGathered (rare: split counts are small) take a scalar pass per element.
   if (N <= kMaxGathered) {
-    int n = 0;
-    for (int64_t i = 0; i < N; ++i) {
-      const float lse = row.lse(i);
-      if (lse == -INFINITY) continue;
-      src[n] = row.out(i);
-      w[n++] = stats.partial_weight(lse, inv_d);
-    }
-    weighted_sum(src, w, n, D, dst);
+    sum_nonempty_partials(row, N, [&](int64_t i) { return row.lse(i); },
+                          [&](int64_t, float lse) { return stats.partial_weight(lse, inv_d); }, D, dst);
     return;
   }
   for (int64_t d = 0; d < D; ++d) {
@@ -155,16 +165,9 @@ void merge_block_along_s(const MergeStatesParams& p, int64_t b, int64_t s0, int 
   }
   for (int j = 0; j < n; ++j) {
     for (int64_t k = 0; k < nh; ++k) {
-      const RowPartials<T> row{p, b, s0 + j, h0 + k};
-      const T* src[kMaxGathered];
-      float w[kMaxGathered];
-      int c = 0;
-      for (int64_t i = 0; i < N; ++i) {
-        if (lse[(k * N + i) * W + j] == -INFINITY) continue;
-        src[c] = row.out(i);
-        w[c++] = wv[(k * N + i) * W + j];
-      }
-      weighted_sum(src, w, c, D, dst + (j * H + k) * D);
+      const int64_t base = k * N * W + j;  // (head k, partial i, lane j) at base + i * W
+      sum_nonempty_partials(RowPartials<T>{p, b, s0 + j, h0 + k}, N, [&](int64_t i) { return lse[base + i * W]; },
+                            [&](int64_t i, float) { return wv[base + i * W]; }, D, dst + (j * H + k) * D);
     }
   }
 }
