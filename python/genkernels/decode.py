@@ -97,10 +97,12 @@ def decode_attention(
 def _plain_eager(*tensors) -> bool:
     """Whether the op implementation may run directly: eager mode (not tracing for
     torch.compile), no torch dispatch or function mode active (FakeTensorMode, make_fx,
-    FlopCounterMode, ...), and every tensor argument a plain ``torch.Tensor`` (None allowed)."""
-    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled():
+    FlopCounterMode, ...), and every tensor argument a plain ``torch.Tensor`` (None allowed).
+    decode_attention's fast-path condition is this test written out inline (a call costs more
+    than the test there)."""
+    if _is_compiling() or _dispatch_stack_len() or _function_mode_enabled():
         return False
-    return all(t is None or type(t) is torch.Tensor for t in tensors)
+    return all(t is None or type(t) is _Tensor for t in tensors)
 
 
 # ------------------------------------------------------------------ validation
