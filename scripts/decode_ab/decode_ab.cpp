@@ -7,13 +7,15 @@
 // Every call of A and of B reads a different input set (A: set i, B: set i + sets / 2): with a
 // shared set, the second call of a pair would find part of its cache in L3 and look faster.
 //
-// Usage: decode_ab LENGTH THREADS SETS REPS   (batch 1, 32 q heads / 8 kv heads, head dim 128)
-// Environment: PAGE=n page size of the paged runs (default 16).
+// Usage: decode_ab LENGTH THREADS SETS REPS   (32 q heads / 8 kv heads, head dim 128)
+// Environment: PAGE=n page size of the paged runs (default 16); BATCH=n sequences of LENGTH
+// tokens each (default 1); SPLITS=n split-KV count (default 0: the kernel's heuristic).
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <memory>
 #include <random>
 #include <vector>
 
@@ -30,23 +32,37 @@ using gk::DecodeParams;
 
 constexpr int kHeadsQ = 32, kHeadsKV = 8, kHeadDim = 128;
 
+template <class T>
+struct Buffer {
+  std::unique_ptr<T, decltype(&std::free)> ptr;
+  explicit Buffer(size_t n) : ptr(static_cast<T*>(std::aligned_alloc(64, (n * sizeof(T) + 63) / 64 * 64)), &std::free) {
+    if (!ptr) std::abort();
+  }
+  T& operator[](size_t i) { return ptr.get()[i]; }
+  T* data() { return ptr.get(); }
+};
+
 // Median GB/s (K and V read once) of A and B over `reps` alternating calls each.
 template <class T>
 void run(int L, int threads, int nsets, bool paged, int reps, double* gbps) {
   const int P = std::getenv("PAGE") ? std::atoi(std::getenv("PAGE")) : 16;
-  const size_t n = size_t(L) * kHeadsKV * kHeadDim;
-  std::vector<std::vector<T>> K(nsets, std::vector<T>(n)), V(nsets, std::vector<T>(n));
+  const int B = std::getenv("BATCH") ? std::atoi(std::getenv("BATCH")) : 1;
+  const size_t n = size_t(B) * L * kHeadsKV * kHeadDim;
+  // 64-byte aligned, as PyTorch's CPU allocator aligns tensors (std::vector's large blocks sit
+  // 16 bytes past a page boundary, which splits every cache-line load)
+  std::vector<Buffer<T>> K, V;
+  for (int s = 0; s < nsets; ++s) K.emplace_back(n), V.emplace_back(n);
   for (int s = 0; s < nsets; ++s)
     for (size_t i = 0; i < n; ++i) {
       K[s][i] = gk::from_float<T>(float((i * 2654435761u) % 1000) * 1e-3f - 0.5f);
       V[s][i] = gk::from_float<T>(float((i * 40503u) % 1000) * 1e-3f - 0.5f);
     }
-  // paged: the same buffers read through a shuffled page table
-  std::vector<int32_t> table(L / P);
-  for (int i = 0; i < L / P; ++i) table[i] = i;
+  // paged: the same buffers read through a page table shuffled over the whole pool (as the bench)
+  std::vector<int32_t> table(size_t(B) * L / P);
+  for (size_t i = 0; i < table.size(); ++i) table[i] = int32_t(i);
   std::shuffle(table.begin(), table.end(), std::mt19937(1));
-  std::vector<T> q(kHeadsQ * kHeadDim, gk::from_float<T>(0.05f)), out(kHeadsQ * kHeadDim);
-  std::vector<int32_t> lens(1, L);
+  std::vector<T> q(size_t(B) * kHeadsQ * kHeadDim, gk::from_float<T>(0.05f)), out(q.size());
+  std::vector<int32_t> lens(B, L);
   std::vector<double> ts[2];
   for (int r = 0; r < 2 * reps; ++r) {
     const int which = r % 2, set = (r / 2 + which * (nsets / 2)) % nsets;
@@ -55,7 +71,7 @@ void run(int L, int threads, int nsets, bool paged, int reps, double* gbps) {
     p.q_stride[0] = p.q_stride[1] = kHeadsQ * kHeadDim, p.q_stride[2] = kHeadDim;
     p.k = K[set].data(), p.v = V[set].data();
     if (paged) {
-      p.block_table = table.data(), p.block_table_stride = L / P, p.page_size = P, p.num_pages = L / P;
+      p.block_table = table.data(), p.block_table_stride = L / P, p.page_size = P, p.num_pages = B * L / P;
       p.k_stride[0] = int64_t(P) * kHeadsKV * kHeadDim;
     } else {
       p.k_stride[0] = int64_t(L) * kHeadsKV * kHeadDim;
@@ -63,8 +79,8 @@ void run(int L, int threads, int nsets, bool paged, int reps, double* gbps) {
     p.k_stride[1] = kHeadsKV * kHeadDim, p.k_stride[2] = kHeadDim;
     for (int i = 0; i < 3; ++i) p.v_stride[i] = p.k_stride[i];
     p.capacity = L, p.cache_seqlens = lens.data(), p.out = out.data();
-    p.batch = 1, p.seqlen_q = 1, p.heads_q = kHeadsQ, p.heads_kv = kHeadsKV, p.head_dim = kHeadDim;
-    p.num_splits = 0, p.scale = 0.088f;
+    p.batch = B, p.seqlen_q = 1, p.heads_q = kHeadsQ, p.heads_kv = kHeadsKV, p.head_dim = kHeadDim;
+    p.num_splits = std::getenv("SPLITS") ? std::atoi(std::getenv("SPLITS")) : 0, p.scale = 0.088f;
     const auto t = std::chrono::steady_clock::now();
     if (which) gk::cpu::vb::decode_attention<T>(p, threads);
     else gk::cpu::va::decode_attention<T>(p, threads);
@@ -85,8 +101,9 @@ int main(int argc, char** argv) {
   }
   const int L = std::atoi(argv[1]), threads = std::atoi(argv[2]), sets = std::atoi(argv[3]), reps = std::atoi(argv[4]);
   const int page = std::getenv("PAGE") ? std::atoi(std::getenv("PAGE")) : 16;
-  if (L < 1 || threads < 1 || sets < 2 || reps < 1 || page < 1 || (page & (page - 1)) || L % page) {
-    std::fprintf(stderr, "LENGTH, THREADS, REPS must be >= 1, SETS >= 2, PAGE a power of two dividing LENGTH\n");
+  const int batch = std::getenv("BATCH") ? std::atoi(std::getenv("BATCH")) : 1;
+  if (L < 1 || threads < 1 || sets < 2 || reps < 1 || batch < 1 || page < 1 || (page & (page - 1)) || L % page) {
+    std::fprintf(stderr, "LENGTH, THREADS, REPS, BATCH must be >= 1, SETS >= 2, PAGE a power of two dividing LENGTH\n");
     return 2;
   }
   double r[4][2];
@@ -94,6 +111,6 @@ int main(int argc, char** argv) {
   run<float>(L, threads, sets, true, reps, r[1]);
   run<bf16_t>(L, threads, sets, false, reps, r[2]);
   run<bf16_t>(L, threads, sets, true, reps, r[3]);
-  std::printf("L=%d threads=%d sets=%d  GB/s A/B: fp32 %.1f/%.1f  fp32 paged %.1f/%.1f  bf16 %.1f/%.1f  bf16 paged %.1f/%.1f\n",
-              L, threads, sets, r[0][0], r[0][1], r[1][0], r[1][1], r[2][0], r[2][1], r[3][0], r[3][1]);
+  std::printf("batch=%d L=%d threads=%d sets=%d  GB/s A/B: fp32 %.1f/%.1f  fp32 paged %.1f/%.1f  bf16 %.1f/%.1f  bf16 paged %.1f/%.1f\n",
+              batch, L, threads, sets, r[0][0], r[0][1], r[1][0], r[1][1], r[2][0], r[2][1], r[3][0], r[3][1]);
 }
