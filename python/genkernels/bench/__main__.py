@@ -54,8 +54,9 @@ def main(argv: list[str] | None = None) -> int:
         rows = runner.run(cases, device, repeats, peaks, progress=runner.stderr_progress)
 
     print(runner.format_peaks(peaks, device) + f"; {torch.get_num_threads()} CPU threads")
-    print(f"median of {repeats} repeats; inputs rotated over > 2x the last-level cache "
-          f"({timing.last_level_cache_bytes(device) >> 20} MiB) except overhead cases")  # fmt: skip
+    print(f"median of {repeats} repeats; inputs rotated over > {timing.LLC_SPAN}x the last-level cache "
+          f"({timing.last_level_cache_bytes(device) >> 20} MiB) except overhead cases; the op, its baseline"
+          " and its same-loop refs are timed in alternating batches")  # fmt: skip
     print(runner.format_table(rows))
     for r in rows:
         if r["note"]:

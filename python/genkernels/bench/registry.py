@@ -14,6 +14,24 @@ DTYPE_NAME = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf1
 
 
 @dataclass(frozen=True)
+class Companion:
+    """A reference timed in the same loop as a case's op and its baseline, batch for batch
+    (``timing.measure_interleaved``), so that the ratio between them holds even while the
+    machine's speed drifts. It takes the case's inputs. ``report`` says what the table shows:
+    "time", the op's time over the companion's (e.g. a paged cache against the contiguous one);
+    "rate", the op's rate as a fraction of the companion's when the companion moves the same
+    bytes (e.g. ``torch.sum`` over the same KV cache: the fraction of what the machine reads)."""
+
+    label: str
+    fn: Callable[..., Any]
+    report: str = "time"
+
+    def __post_init__(self):
+        if self.report not in ("time", "rate"):
+            raise ValueError(f"Companion.report must be 'time' or 'rate', got {self.report!r}")
+
+
+@dataclass(frozen=True)
 class Case:
     """One measurement: the genkernels op and its PyTorch baseline on the same inputs.
 
@@ -22,7 +40,8 @@ class Case:
     level cache (``cold=False`` keeps one warm set, for per-call overhead cases).
     ``bytes_moved`` (compulsory global-memory traffic) and ``flops`` give the achieved rate;
     ``bound`` says which measured peak it is compared with ("memory": copy bandwidth,
-    "compute": GEMM peak of the dtype). ``size`` is the x axis of the scaling plot."""
+    "compute": GEMM peak of the dtype). ``size`` is the x axis of the scaling plot.
+    ``companions`` are references timed interleaved with the op (see ``Companion``)."""
 
     suite: str
     op: str
@@ -40,6 +59,7 @@ class Case:
     baseline_label: str = "torch"
     note: str = ""
     tags: tuple[str, ...] = field(default=())
+    companions: tuple[Companion, ...] = field(default=())
 
     @property
     def dtype_name(self) -> str:

@@ -27,11 +27,22 @@ def build_input_sets(case: Case, device: torch.device, llc_bytes: int, seed: int
 
 def run_case(case: Case, device: torch.device, repeats: int, peaks: dict, llc_bytes: int) -> dict:
     sets = build_input_sets(case, device, llc_bytes)
-    ours = timing.measure(case.genkernels, sets, device, repeats)
-    theirs = timing.measure(case.baseline, sets, device, repeats) if case.baseline else None
+    # the op, its baseline and its companions take turns batch by batch (same machine state)
+    fns = [case.genkernels, *([case.baseline] if case.baseline else []), *(c.fn for c in case.companions)]
+    samples = timing.measure_interleaved(fns, sets, device, repeats)
+    ours = samples[0]
+    theirs = samples[1] if case.baseline else None
     n_sets = len(sets)
     del sets
     t_ours = timing.median(ours)
+    companions = []
+    for c, s in zip(case.companions, samples[2 if case.baseline else 1:]):
+        t_c = timing.median(s)
+        companions.append({
+            "label": c.label, "report": c.report, "us": t_c * 1e6, "samples_us": [t * 1e6 for t in s],
+            # "time": the op's time over the companion's; "rate": the op's rate over the companion's
+            "ratio": t_ours / t_c if c.report == "time" else t_c / t_ours,
+        })  # fmt: skip
     t_base = timing.median(theirs) if theirs else None
     peak, unit = timing.peak_for(case.bound, case.dtype, peaks)
     rate = None
@@ -58,6 +69,7 @@ def run_case(case: Case, device: torch.device, repeats: int, peaks: dict, llc_by
         "fraction_of_peak": None if rate is None else rate / peak,
         "genkernels_samples_us": [t * 1e6 for t in ours],
         "baseline_samples_us": None if theirs is None else [t * 1e6 for t in theirs],
+        "companions": companions,
         "input_sets": n_sets,
         "repeats": repeats,
         "note": case.note,
@@ -91,8 +103,18 @@ def _fmt_us(v: float | None) -> str:
     return f"{v:.1f}" if v < 1000 else f"{v:,.0f}"
 
 
+def format_companion(c: dict) -> str:
+    """``"91% of torch.sum"`` (a rate fraction) or ``"1.04x contiguous"`` (a time ratio)."""
+    if c["report"] == "rate":
+        return f"{100 * c['ratio']:.0f}% of {c['label']}"
+    return f"{c['ratio']:.2f}x {c['label']}"
+
+
 def format_table(rows: list[dict]) -> str:
     head = ["op", "shape", "dtype", "genkernels us", "torch us", "speedup", "GB/s|GFLOP/s", "% peak"]
+    refs = any(r.get("companions") for r in rows)
+    if refs:
+        head.append("same-loop refs")
     body = []
     for r in rows:
         rate = "-" if r["rate"] is None else f"{r['rate']:.1f} {'GB/s' if r['rate_unit'] == 'GB/s' else 'GFLOP/s'}"
@@ -101,11 +123,15 @@ def format_table(rows: list[dict]) -> str:
             "-" if r["speedup"] is None else f"{r['speedup']:.2f}x", rate,
             "-" if r["fraction_of_peak"] is None else f"{100 * r['fraction_of_peak']:.0f}%",
         ])  # fmt: skip
+        if refs:
+            body[-1].append("; ".join(map(format_companion, r.get("companions") or [])) or "-")
     widths = [max(len(x[i]) for x in [head, *body]) for i in range(len(head))]
-    left = 3  # op, shape, dtype left-aligned; numbers right-aligned
+    left = 3  # op, shape, dtype (and the refs) left-aligned; numbers right-aligned
 
     def fmt(cells):
-        return "  ".join(c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+        return "  ".join(
+            c.ljust(w) if i < left or i == 8 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))
+        ).rstrip()
 
     return "\n".join([fmt(head), "  ".join("-" * w for w in widths), *map(fmt, body)])
 

@@ -17,6 +17,7 @@ import torch
 MIN_BATCH_S = 2e-3
 MAX_INPUT_SETS = 256
 DEFAULT_LLC_BYTES = 32 << 20
+LLC_SPAN = 4  # input sets span this many last-level caches
 
 
 def last_level_cache_bytes(device: torch.device) -> int:
@@ -35,10 +36,13 @@ def last_level_cache_bytes(device: torch.device) -> int:
 
 
 def input_sets_needed(bytes_per_set: int, llc_bytes: int) -> int:
-    """How many input sets to rotate over so that they span twice the last-level cache."""
+    """How many input sets to rotate over so that they span ``LLC_SPAN`` times the last-level
+    cache. Twice was not enough: this machine's 32 MiB L3 kept part of a 64 MiB rotation (a
+    thrash-resistant replacement policy), and ``torch.sum`` over the rotated sets read at 1.5-2x
+    the DRAM bandwidth."""
     if bytes_per_set <= 0:
         return 1
-    return max(1, min(MAX_INPUT_SETS, math.ceil(2 * llc_bytes / bytes_per_set)))
+    return max(1, min(MAX_INPUT_SETS, math.ceil(LLC_SPAN * llc_bytes / bytes_per_set)))
 
 
 def tensor_bytes(obj: Any) -> int:
@@ -62,25 +66,48 @@ def measure(
     warmup: int = 2,
 ) -> list[float]:
     """Seconds per call of ``fn(*args)``, one value per repeat (take the median)."""
+    return measure_interleaved([fn], arg_sets, device, repeats, warmup)[0]
+
+
+def measure_interleaved(
+    fns: list[Callable[..., Any]],
+    arg_sets: list[tuple],
+    device: torch.device,
+    repeats: int,
+    warmup: int = 2,
+) -> list[list[float]]:
+    """Seconds per call of each ``fn(*args)``, one value per repeat for each fn.
+
+    The fns take turns batch by batch (repeat r times a batch of each, in list order on even
+    repeats and reversed on odd ones), so every fn sees the same machine state: on a shared
+    host, memory bandwidth drifts by up to 2x within minutes, which makes ratios of separately
+    timed runs meaningless. One rotation over the input sets is shared by all fns, so no call
+    finds the inputs a previous call just read still in the cache."""
     n_sets = len(arg_sets)
-    per_call = math.inf  # the fastest warm-up call sizes the batches (the first one is cold)
-    for i in range(max(2, warmup)):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn(*arg_sets[i % n_sets])
-        _sync(device)
-        per_call = min(per_call, time.perf_counter() - t0)
-    calls = max(1, min(100_000, int(MIN_BATCH_S / max(per_call, 1e-9))))
-    samples = []
     k = 0
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        for _ in range(calls):
+    calls = []
+    for fn in fns:
+        per_call = math.inf  # the fastest warm-up call sizes the batches (the first one is cold)
+        for _ in range(max(2, warmup)):
+            _sync(device)
+            t0 = time.perf_counter()
             fn(*arg_sets[k])
+            _sync(device)
+            per_call = min(per_call, time.perf_counter() - t0)
             k = k + 1 if k + 1 < n_sets else 0
-        _sync(device)
-        samples.append((time.perf_counter() - t0) / calls)
+        calls.append(max(1, min(100_000, int(MIN_BATCH_S / max(per_call, 1e-9)))))
+    samples: list[list[float]] = [[] for _ in fns]
+    for r in range(repeats):
+        order = range(len(fns)) if r % 2 == 0 else reversed(range(len(fns)))
+        for i in order:
+            fn = fns[i]
+            _sync(device)
+            t0 = time.perf_counter()
+            for _ in range(calls[i]):
+                fn(*arg_sets[k])
+                k = k + 1 if k + 1 < n_sets else 0
+            _sync(device)
+            samples[i].append((time.perf_counter() - t0) / calls[i])
     return samples
 
 

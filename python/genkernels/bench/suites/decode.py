@@ -3,14 +3,19 @@ token per sequence, cache lengths 1k-64k, batch 1 and 8, fp32 and bf16, contiguo
 (page 16) caches. Baselines: ``scaled_dot_product_attention`` with ``enable_gqa=True``, and the
 faster PyTorch formulation that folds a group's query heads into the query axis. GB/s counts
 the cache read (K and V once), which dominates the traffic. The ``decode_attention_overhead``
-cases (a one-token cache, warm) measure the per-call cost: wrapper, binding, output allocation."""
+cases (a one-token cache, warm) measure the per-call cost: wrapper, binding, output allocation.
+
+Against the folded baseline, each case also times, in the same loop (batch for batch, so both
+see the same machine state), ``torch.sum`` over the same cache bytes: the "% of torch.sum" is the
+fraction of this machine's read bandwidth the kernel reaches. Paged cases also time the kernel
+on the contiguous copy of the same logical cache ("x contiguous": paged time over contiguous)."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
 from ... import decode
-from ..registry import Case, register
+from ..registry import Case, Companion, register
 
 SUITE = "decode"
 HEADS_Q, HEADS_KV, HEAD_DIM, PAGE = 32, 8, 128, 16
@@ -44,6 +49,17 @@ def _genkernels(q, k_cache, v_cache, lens, table, k, v):
     return decode.decode_attention(q, k_cache, v_cache, lens, block_table=table)
 
 
+def read_probe(q, k_cache, v_cache, lens, table, k, v):
+    """``torch.sum`` over the cache the kernel reads (the pool, when paged), viewed as fp32 so that
+    every dtype is read at the same speed: this machine's read bandwidth on the same bytes."""
+    return torch.sum(k_cache.view(-1).view(torch.float32)), torch.sum(v_cache.view(-1).view(torch.float32))
+
+
+def contiguous(q, k_cache, v_cache, lens, table, k, v):
+    """The kernel on the contiguous copy of a paged case's logical cache."""
+    return decode.decode_attention(q, k, v, lens)
+
+
 def sdpa_gqa(q, k_cache, v_cache, lens, table, k, v):
     """PyTorch's GQA attention over the logical (contiguous) cache."""
     return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), enable_gqa=True)
@@ -63,14 +79,16 @@ for dtype in DTYPES:
                 shape = f"({batch},1,{HEADS_Q},{HEAD_DIM}) kv{HEADS_KV}x{length}" + (f" page{PAGE}" if paged else "")
                 if batch * length > 8 * 16384:
                     continue  # 8 x 64k: 4-8 GiB per input set, beyond this machine's memory with rotation
-                for op, label, baseline in (("decode_attention", "torch folded", sdpa_folded),
-                                            ("decode_attention_vs_sdpa_gqa", "sdpa enable_gqa", sdpa_gqa)):
+                refs = (Companion("torch.sum", read_probe, "rate"),
+                        *((Companion("contiguous", contiguous, "time"),) if paged else ()))
+                for op, label, baseline, companions in (("decode_attention", "torch folded", sdpa_folded, refs),
+                                                        ("decode_attention_vs_sdpa_gqa", "sdpa enable_gqa", sdpa_gqa, ())):
                     register(Case(
                         suite=SUITE, op=op, shape=shape, dtype=dtype,
                         make_inputs=_inputs(batch, length, dtype, paged), genkernels=_genkernels, baseline=baseline,
                         baseline_label=label, bytes_moved=cache_bytes, flops=4 * batch * HEADS_Q * length * HEAD_DIM,
                         bound="memory", size=length, quick=(batch, length) in QUICK and not paged,
-                        tags=("decode_attention",),
+                        tags=("decode_attention",), companions=companions,
                     ))  # fmt: skip
 
 # Per-call overhead: one token against a one-token cache (the kernel does almost nothing), warm,

@@ -1,0 +1,81 @@
+"""The benchmark timing loop: interleaved measurement (the op, its baseline and its companions
+take turns batch by batch over one shared rotation of input sets), the input-set count, and how
+companions are reported."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from genkernels.bench import registry, runner, timing
+
+
+def test_interleaved_turns_and_shared_rotation(monkeypatch):
+    monkeypatch.setattr(timing, "MIN_BATCH_S", 0.0)  # one call per batch
+    log = []
+    fns = [lambda s, name=name: log.append((name, s)) for name in "abc"]
+    sets = [(i,) for i in range(5)]
+    samples = timing.measure_interleaved(fns, sets, torch.device("cpu"), repeats=4, warmup=2)
+    assert [len(s) for s in samples] == [4, 4, 4] and all(t >= 0 for s in samples for t in s)
+    # warm-up: two calls each, then one batch each per repeat, reversed on odd repeats
+    names = "".join(n for n, _ in log)
+    assert names == "aabbcc" + "abc" + "cba" + "abc" + "cba"
+    # one rotation over the sets, shared by all fns: every call takes the next set
+    assert [s for _, s in log] == [i % 5 for i in range(len(log))]
+
+
+def test_measure_is_the_single_fn_case(monkeypatch):
+    monkeypatch.setattr(timing, "MIN_BATCH_S", 0.0)
+    calls = []
+    out = timing.measure(lambda s: calls.append(s), [(0,), (1,)], torch.device("cpu"), repeats=3)
+    assert len(out) == 3 and calls == [0, 1, 0, 1, 0]
+
+
+def test_input_sets_span_llc_span_caches():
+    llc = 32 << 20
+    assert timing.input_sets_needed(32 << 20, llc) == timing.LLC_SPAN
+    assert timing.input_sets_needed(1 << 30, llc) == 1
+    assert timing.input_sets_needed(1, llc) == timing.MAX_INPUT_SETS
+    assert timing.input_sets_needed(0, llc) == 1
+
+
+def test_companions_are_timed_and_reported(monkeypatch):
+    monkeypatch.setattr(timing, "MIN_BATCH_S", 0.0)
+    x = torch.randn(1 << 16)
+
+    def make(device, gen):
+        return (x,)
+
+    case = registry.Case(
+        suite="t", op="op", shape="s", dtype=torch.float32, make_inputs=make,
+        genkernels=lambda t: t.sum(), baseline=lambda t: t.sum(), bytes_moved=x.numel() * 4, cold=False,
+        companions=(registry.Companion("sum", lambda t: t.sum(), "rate"), registry.Companion("twice", lambda t: (t.sum(), t.sum()))),
+    )  # fmt: skip
+    row = runner.run_case(case, torch.device("cpu"), repeats=3, peaks={"copy_gbps": 10.0}, llc_bytes=32 << 20)
+    ours = row["genkernels_us"]
+    rate, time_ = row["companions"]
+    assert (rate["label"], rate["report"], time_["report"]) == ("sum", "rate", "time")
+    assert len(rate["samples_us"]) == 3
+    assert rate["ratio"] == pytest.approx(rate["us"] / ours) and time_["ratio"] == pytest.approx(ours / time_["us"])
+    text = runner.format_table([row])
+    assert "same-loop refs" in text and f"{100 * rate['ratio']:.0f}% of sum" in text and f"{time_['ratio']:.2f}x twice" in text
+    # tables without companions keep their columns
+    assert "same-loop refs" not in runner.format_table([{**row, "companions": []}])
+
+
+def test_companion_report_is_checked():
+    with pytest.raises(ValueError, match="report"):
+        registry.Companion("x", lambda: None, "speed")
+
+
+def test_decode_cases_carry_the_read_probe_and_contiguous_refs():
+    cases = {c.name: c for c in registry.select(["decode_attention"])}
+    paged = cases["decode_attention/(1,1,32,128) kv8x4096 page16/bf16"]
+    assert [c.label for c in paged.companions] == ["torch.sum", "contiguous"]
+    assert [c.label for c in cases["decode_attention/(1,1,32,128) kv8x4096/bf16"].companions] == ["torch.sum"]
+    # the probe reads exactly the cache bytes the case counts
+    q, kp, vp, lens, table, k, v = paged.make_inputs(torch.device("cpu"), torch.Generator().manual_seed(0))
+    assert (kp.numel() * kp.element_size()) + (vp.numel() * vp.element_size()) == paged.bytes_moved
+    s = paged.companions[0].fn(q, kp, vp, lens, table, k, v)
+    assert len(s) == 2 and all(t.dtype == torch.float32 for t in s)
+    out = paged.companions[1].fn(q, kp, vp, lens, table, k, v)
+    torch.testing.assert_close(out, paged.genkernels(q, kp, vp, lens, table, k, v), rtol=0, atol=0)
