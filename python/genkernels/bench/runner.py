@@ -112,6 +112,7 @@ def format_companion(c: dict) -> str:
 
 def format_table(rows: list[dict]) -> str:
     head = ["op", "shape", "dtype", "genkernels us", "torch us", "speedup", "GB/s|GFLOP/s", "% peak"]
+    numbers = range(3, len(head))  # right-aligned; the text columns around them left-aligned
     refs = any(r.get("companions") for r in rows)
     if refs:
         head.append("same-loop refs")
@@ -126,12 +127,9 @@ def format_table(rows: list[dict]) -> str:
         if refs:
             body[-1].append("; ".join(map(format_companion, r.get("companions") or [])) or "-")
     widths = [max(len(x[i]) for x in [head, *body]) for i in range(len(head))]
-    left = 3  # op, shape, dtype (and the refs) left-aligned; numbers right-aligned
 
     def fmt(cells):
-        return "  ".join(
-            c.ljust(w) if i < left or i == 8 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))
-        ).rstrip()
+        return "  ".join(c.rjust(w) if i in numbers else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
 
     return "\n".join([fmt(head), "  ".join("-" * w for w in widths), *map(fmt, body)])
 

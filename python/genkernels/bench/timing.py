@@ -37,9 +37,9 @@ def last_level_cache_bytes(device: torch.device) -> int:
 
 def input_sets_needed(bytes_per_set: int, llc_bytes: int) -> int:
     """How many input sets to rotate over so that they span ``LLC_SPAN`` times the last-level
-    cache. Twice was not enough: this machine's 32 MiB L3 kept part of a 64 MiB rotation (a
-    thrash-resistant replacement policy), and ``torch.sum`` over the rotated sets read at 1.5-2x
-    the DRAM bandwidth."""
+    cache. Twice was not enough here: over a 64 MiB rotation (two 32 MiB decode caches),
+    ``torch.sum`` read at about 1.8x the DRAM bandwidth, so the 32 MiB L3 kept part of it
+    (presumably a thrash-resistant replacement policy)."""
     if bytes_per_set <= 0:
         return 1
     return max(1, min(MAX_INPUT_SETS, math.ceil(LLC_SPAN * llc_bytes / bytes_per_set)))
