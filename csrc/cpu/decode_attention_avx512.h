@@ -220,20 +220,19 @@ void decode_work_item_avx512(const DecodeParams& p, Scratch& sc, int64_t b, cons
   // become the next tile's (for its prefetch), then the current ones.
   int64_t* ko[3] = {sc.koff.data(), sc.koff.data() + kTileA, sc.koff.data() + 2 * kTileA};
   int64_t* vo[3] = {sc.voff.data(), sc.voff.data() + kTileA, sc.voff.data() + 2 * kTileA};
-  auto tokens_from = [&](int64_t t) { return std::clamp<int64_t>(split_keys.hi - t, 0, kTileA); };
-  lookup_offsets(p, b, split_keys.lo, tokens_from(split_keys.lo), ko[0], vo[0]);
-  lookup_offsets(p, b, split_keys.lo + kTileA, tokens_from(split_keys.lo + kTileA), ko[1], vo[1]);
+  lookup_offsets(p, b, split_keys.lo, tile_tokens(split_keys, split_keys.lo, kTileA), ko[0], vo[0]);
+  lookup_offsets(p, b, split_keys.lo + kTileA, tile_tokens(split_keys, split_keys.lo + kTileA, kTileA), ko[1], vo[1]);
   float* st = sc.scores.data();
   for (int64_t t0 = split_keys.lo; t0 < split_keys.hi; t0 += kTileA) {
     int64_t* koff = ko[0];
     int64_t* voff = vo[0];
-    const int nk = int(tokens_from(t0));
+    const int nk = tile_tokens(split_keys, t0, kTileA);
     for (int j = nk; j < (nk + 3) / 4 * 4; ++j) koff[j] = koff[0], voff[j] = voff[0];  // quad padding: token t0
-    const int64_t n2 = tokens_from(t0 + 2 * kTileA);
+    const int n2 = tile_tokens(split_keys, t0 + 2 * kTileA, kTileA);
     lookup_offsets(p, b, t0 + 2 * kTileA, n2, ko[2], vo[2]);
     warm_translations(p, ko[2], vo[2], n2, esize);
     // the next tile's rows, prefetched during this tile's K and V loops
-    const int nn = int(tokens_from(t0 + kTileA));
+    const int nn = tile_tokens(split_keys, t0 + kTileA, kTileA);
     const int64_t* knext = ko[1];
     const int64_t* vnext = vo[1];
     const int64_t quads = (nk + 3) / 4, row_bytes = D * esize, slabs = (D + 63) / 64;

@@ -75,7 +75,7 @@ struct Scratch {
   std::vector<bf16_t> qb;  // bf16 query rows (AVX-512 path)
   std::vector<SoftmaxStats> stats;
   std::vector<int64_t> lo, hi;
-  std::vector<int64_t> koff, voff;  // token offsets (head 0) of a tile and of the next one (two, AVX-512)
+  std::vector<int64_t> koff, voff;  // token offsets (head 0) of a tile and the next one (and the one after, AVX-512)
   // AVX-512 path: rows on lanes (visible ranges, running max / sum, rescale factors)
   std::vector<int32_t> lo32, hi32;
   std::vector<float> m, l, alpha;
@@ -207,6 +207,9 @@ inline void lookup_offsets(const DecodeParams& p, int64_t b, int64_t t, int64_t 
   for (int64_t j = 0; j < n; ++j) cache_kv_offsets(p, b, t + j, koff[j], voff[j]);
 }
 
+// Tokens of a tile of `tile` keys starting at t within the split's keys: 0 past their end.
+inline int tile_tokens(KeyRange keys, int64_t t, int tile) { return int(std::clamp<int64_t>(keys.hi - t, 0, tile)); }
+
 #include "cpu/decode_attention_avx512.h"
 
 template <class T>
@@ -236,12 +239,12 @@ void decode_work_item(const DecodeParams& p, Scratch& sc, int64_t b, int split) 
   int64_t* knext = sc.koff.data() + kTileA;
   int64_t* vnext = sc.voff.data() + kTileA;
   const int64_t row_bytes = D * int64_t(sizeof(T)), esize = sizeof(T);
-  lookup_offsets(p, b, split_keys.lo, std::min<int64_t>(kTile, split_keys.hi - split_keys.lo), koff, voff);
+  lookup_offsets(p, b, split_keys.lo, tile_tokens(split_keys, split_keys.lo, kTile), koff, voff);
   for (int64_t t0 = split_keys.lo; t0 < split_keys.hi; t0 += kTile) {
-    const int nk = int(std::min<int64_t>(kTile, split_keys.hi - t0));
+    const int nk = tile_tokens(split_keys, t0, kTile);
     for (int j = nk; j < kTile; ++j) koff[j] = koff[0], voff[j] = voff[0];  // masked padding: token t0
     // the next tile's rows, prefetched in memory order over this tile's dot products and P.V
-    const int nn = int(std::clamp<int64_t>(split_keys.hi - t0 - kTile, 0, kTile));
+    const int nn = tile_tokens(split_keys, t0 + kTile, kTile);
     lookup_offsets(p, b, t0 + kTile, nn, knext, vnext);
     const int64_t rows = p.heads_kv * ((R + 1) / 2);  // dot / P.V passes: one per pair of rows
     TilePrefetcher kpf(p.k, esize, knext, nn, p.heads_kv, p.k_stride[2], row_bytes, rows * (kTile / 4) * (dp / W));
