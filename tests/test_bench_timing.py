@@ -38,6 +38,49 @@ def test_input_sets_span_llc_span_caches():
     assert timing.input_sets_needed(0, llc) == 1
 
 
+def test_tensor_bytes_counts_each_byte_once():
+    a, b = torch.zeros(1000), torch.zeros(10, dtype=torch.bfloat16)
+    assert timing.tensor_bytes((a, b)) == 4000 + 20
+    # the same tensor twice, overlapping or nested views: the memory under them, once
+    assert timing.tensor_bytes((a, a, b, [a[:10], a[500:]])) == 4000 + 20
+    assert timing.tensor_bytes((a[:100], a[50:200])) == 800
+    assert timing.tensor_bytes((a[:100], a[200:300])) == 800  # disjoint views of one buffer
+    assert timing.tensor_bytes((a.view(10, 100).t(), None, 3)) == 4000
+    assert timing.tensor_bytes(()) == 0 and timing.tensor_bytes((a[:0],)) == 0
+
+
+def test_contiguous_decode_sets_span_the_intended_bytes():
+    """The contiguous decode inputs name k and v twice (cache and logical copy); the rotation must
+    count them once."""
+    from genkernels.bench.suites import decode as suite
+
+    case = next(c for c in registry.all_cases() if c.suite == "decode" and c.op == "decode_attention"
+                and c.shape == f"(1,1,{suite.HEADS_Q},{suite.HEAD_DIM}) kv{suite.HEADS_KV}x1024"
+                and c.dtype == torch.bfloat16)
+    inputs = case.make_inputs(torch.device("cpu"), torch.Generator().manual_seed(0))
+    kv = 2 * 1024 * suite.HEADS_KV * suite.HEAD_DIM * 2
+    q = suite.HEADS_Q * suite.HEAD_DIM * 2
+    assert timing.tensor_bytes(inputs) == kv + q + 4
+
+
+def test_rotation_spans_what_each_callable_reads():
+    """A paged decode set holds the pool and its contiguous copy, and each callable reads one of
+    the two: the rotation is sized on the bytes read per call (``Case.read_bytes``)."""
+    from genkernels.bench.suites import decode as suite
+
+    shape = f"(1,1,{suite.HEADS_Q},{suite.HEAD_DIM}) kv{suite.HEADS_KV}x1024"
+    cases = {c.shape: c for c in registry.all_cases()
+             if c.op == "decode_attention" and c.dtype == torch.bfloat16 and c.shape.startswith(shape)}
+    llc = 8 << 20
+    cache = 2 * 1024 * suite.HEADS_KV * suite.HEAD_DIM * 2  # 4 MiB
+    for s, case in cases.items():
+        assert case.read_bytes == cache
+        sets = runner.build_input_sets(case, torch.device("cpu"), llc)
+        assert len(sets) == timing.LLC_SPAN * llc // cache, s
+        assert timing.tensor_bytes(sets[0]) >= (2 * cache if "page" in s else cache)
+    assert len(cases) == 2
+
+
 def test_companions_are_timed_and_reported(monkeypatch):
     monkeypatch.setattr(timing, "MIN_BATCH_S", 0.0)
     x = torch.randn(1 << 16)

@@ -41,7 +41,11 @@ class Case:
     ``bytes_moved`` (compulsory global-memory traffic) and ``flops`` give the achieved rate;
     ``bound`` says which measured peak it is compared with ("memory": copy bandwidth,
     "compute": GEMM peak of the dtype). ``size`` is the x axis of the scaling plot.
-    ``companions`` are references timed interleaved with the op (see ``Companion``)."""
+    ``companions`` are references timed interleaved with the op (see ``Companion``).
+    ``read_bytes``, when some callable reads only part of an input set (e.g. the paged decode
+    cases, whose sets hold the paged pool and its contiguous copy: each callable reads one of
+    the two), is the least any of them reads per call; the rotation is sized so that this many
+    bytes per set still span ``timing.LLC_SPAN`` last-level caches (default: the whole set)."""
 
     suite: str
     op: str
@@ -60,6 +64,7 @@ class Case:
     note: str = ""
     tags: tuple[str, ...] = field(default=())
     companions: tuple[Companion, ...] = field(default=())
+    read_bytes: int = 0
 
     @property
     def dtype_name(self) -> str:

@@ -21,7 +21,8 @@ def build_input_sets(case: Case, device: torch.device, llc_bytes: int, seed: int
     first = case.make_inputs(device, gen)
     if not case.cold:
         return [first]
-    n = timing.input_sets_needed(timing.tensor_bytes(first), llc_bytes)
+    set_bytes = timing.tensor_bytes(first)
+    n = timing.input_sets_needed(min(set_bytes, case.read_bytes) if case.read_bytes > 0 else set_bytes, llc_bytes)
     return [first] + [case.make_inputs(device, gen) for _ in range(n - 1)]
 
 

@@ -46,11 +46,31 @@ def input_sets_needed(bytes_per_set: int, llc_bytes: int) -> int:
 
 
 def tensor_bytes(obj: Any) -> int:
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, (tuple, list)):
-        return sum(tensor_bytes(o) for o in obj)
-    return 0
+    """Bytes of memory under the tensors in ``obj`` (nested tuples / lists), each byte once: a
+    tensor passed twice, or overlapping views of one buffer, count once. (Counting each tensor
+    made the contiguous decode cases, whose inputs name the cache twice, rotate over half the
+    intended span, so that part of their reads came from L3.)"""
+    spans: list[tuple[str, int, int]] = []
+
+    def walk(o: Any) -> None:
+        if isinstance(o, torch.Tensor):
+            if o.numel():
+                start = o.data_ptr()
+                spans.append((str(o.device), start, start + o.numel() * o.element_size()))
+        elif isinstance(o, (tuple, list)):
+            for x in o:
+                walk(x)
+
+    walk(obj)
+    total, cur = 0, None  # union of the [start, end) spans, per device
+    for dev, lo, hi in sorted(spans):
+        if cur and cur[0] == dev and lo <= cur[2]:
+            cur = (dev, cur[1], max(cur[2], hi))
+            continue
+        if cur:
+            total += cur[2] - cur[1]
+        cur = (dev, lo, hi)
+    return total + (cur[2] - cur[1] if cur else 0)
 
 
 def _sync(device: torch.device) -> None:

@@ -88,7 +88,7 @@ for dtype in DTYPES:
                         make_inputs=_inputs(batch, length, dtype, paged), genkernels=_genkernels, baseline=baseline,
                         baseline_label=label, bytes_moved=cache_bytes, flops=4 * batch * HEADS_Q * length * HEAD_DIM,
                         bound="memory", size=length, quick=(batch, length) in QUICK and not paged,
-                        tags=("decode_attention",), companions=companions,
+                        tags=("decode_attention",), companions=companions, read_bytes=cache_bytes,
                     ))  # fmt: skip
 
 # Per-call overhead: one token against a one-token cache (the kernel does almost nothing), warm,
