@@ -22,7 +22,8 @@
 //  - Softmax. 16 rows per vector, one state per lane (core/softmax_state.h softmax_rescale);
 //    masks only on tiles that cross some row's visible range.
 //  - P.V. For each quad and kv head, a 64-dim slab of the 4 value rows stays in registers while
-//    every row of the head accumulates into its fp32 output row (in L1).
+//    every row of the head accumulates into its fp32 output row (in L1). bf16 caches multiply
+//    bf16 P by V with VDPBF16PS over token pairs (pv_quad_bf16), as the flash kernels do.
 #pragma once
 #if defined(GK_SIMD_AVX512)
 // Accumulator i of a 16-way block holds item kKeyOfAcc[i], so that the transpose reduction's
@@ -182,6 +183,75 @@ void pv_quad(const DecodeParams& p, Scratch& sc, const RowLayout& rl, const floa
   }
 }
 
+// bf16 caches: P.V as bf16 dot products over token pairs (VDPBF16PS), P rounded to bf16 as the
+// flash kernels (CPU and CUDA) round it for their P.V. pp holds the quad's probabilities in pairs
+// (lane rr of pair j = p(token 2j), p(token 2j + 1)); the pair's value rows are interleaved with
+// VPUNPCKL/HWD, so a 32-dim group's accumulator holds dims {0-3, 8-11, 16-19, 24-27} in its
+// first 16 floats and {4-7, 12-15, 20-23, 28-31} in the next 16 (unpermute_bf16_acc restores the
+// order). Per pair of tokens and 32 dims: 2 shuffles and a dot product per row, where the fp32
+// form converts 4 vectors and issues 2 FMAs per row.
+template <int NT>
+void pv_quad_bf16(const DecodeParams& p, Scratch& sc, const RowLayout& rl, const uint32_t* pp, const int64_t* voff,
+                  TilePrefetcher& pf) {
+  constexpr int NP = (NT + 1) / 2;
+  const int64_t D = p.head_dim, vs2 = p.v_stride[2];
+  const bf16_t* v = static_cast<const bf16_t*>(p.v);
+  for (int64_t h = 0; h < p.heads_kv; ++h) {
+    const bf16_t* vp[NT];
+    for (int t = 0; t < NT; ++t) vp[t] = v + h * vs2 + voff[t];
+    auto slab = [&](int64_t d0, auto cw) {
+      constexpr int C = decltype(cw)::value;  // 32-dim groups
+      __m512i x[NP][2 * C];
+      for (int j = 0; j < NP; ++j)
+        for (int c = 0; c < C; ++c) {
+          const __m512i v0 = _mm512_loadu_si512(vp[2 * j] + d0 + 32 * c);
+          const __m512i v1 = 2 * j + 1 < NT ? _mm512_loadu_si512(vp[2 * j + 1] + d0 + 32 * c) : _mm512_setzero_si512();
+          x[j][2 * c] = _mm512_unpacklo_epi16(v0, v1), x[j][2 * c + 1] = _mm512_unpackhi_epi16(v0, v1);
+        }
+      for (int64_t rr = h * rl.R; rr < (h + 1) * rl.R; ++rr) {
+        pf.step();
+        float* acc = sc.acc.data() + rr * D + d0;
+        __m512 a[2 * C];
+        for (int c = 0; c < 2 * C; ++c) a[c] = _mm512_loadu_ps(acc + 16 * c);
+        for (int j = 0; j < NP; ++j) {
+          const __m512bh w = (__m512bh)_mm512_set1_epi32(int(pp[j * rl.NRP + rr]));
+          for (int c = 0; c < 2 * C; ++c) a[c] = _mm512_dpbf16_ps(a[c], w, (__m512bh)x[j][c]);
+        }
+        for (int c = 0; c < 2 * C; ++c) _mm512_storeu_ps(acc + 16 * c, a[c]);
+      }
+    };
+    int64_t d0 = 0;
+    for (; d0 + 64 <= D; d0 += 64) slab(d0, std::integral_constant<int, 2>{});
+    if (d0 < D) slab(d0, std::integral_constant<int, 1>{});  // D % 64 == 32
+  }
+}
+
+// pp[j][rr] = (bf16 p(token 2j), bf16 p(token 2j + 1)) for the nk probabilities of a tile in st
+// (S^T layout), the pair of an odd last token completed with 0.
+inline void pair_probabilities(const RowLayout& rl, const float* st, int nk, uint32_t* pp) {
+  for (int i = 0; i < nk; i += 2)
+    for (int64_t c = 0; c < rl.NRP; c += 16) {
+      const VecF p0 = VecF::load(st + i * rl.NRP + c), p1 = i + 1 < nk ? VecF::load(st + (i + 1) * rl.NRP + c) : VecF::zero();
+      VecBF16Pairs::interleave(p0, p1).store(pp + (i / 2) * rl.NRP + c);
+    }
+}
+
+// Restores head-dim order in the rows' accumulators after pv_quad_bf16 (see there).
+inline void unpermute_bf16_acc(const DecodeParams& p, Scratch& sc, const RowLayout& rl) {
+  // output dim k of a 32-dim group sits at position 4 * (k / 8) + k % 4 of the first 16 floats
+  // (k % 8 < 4) or of the next 16 (index + 16 in VPERMT2PS terms)
+  alignas(64) int32_t idx[32];
+  for (int k = 0; k < 32; ++k) idx[k] = 4 * (k / 8) + k % 4 + (k % 8 < 4 ? 0 : 16);
+  const __m512i i0 = _mm512_load_si512(idx), i1 = _mm512_load_si512(idx + 16);
+  for (int64_t rr = 0; rr < rl.NR; ++rr)
+    for (int64_t d = 0; d < p.head_dim; d += 32) {
+      float* acc = sc.acc.data() + rr * p.head_dim + d;
+      const __m512 lo = _mm512_loadu_ps(acc), hi = _mm512_loadu_ps(acc + 16);
+      _mm512_storeu_ps(acc, _mm512_permutex2var_ps(lo, i0, hi));
+      _mm512_storeu_ps(acc + 16, _mm512_permutex2var_ps(lo, i1, hi));
+    }
+}
+
 // One PREFETCHT2 per token row (all kv heads) of K and V for the n tokens at offsets koff / voff
 // (elements, head 0): issued two tiles ahead, it takes the tile's TLB misses (a page walk per
 // 4 KiB with the usual 4 KiB pages) a tile before the data prefetches that would otherwise wait
@@ -247,16 +317,24 @@ void decode_work_item_avx512(const DecodeParams& p, Scratch& sc, int64_t b, cons
       float* acc = sc.acc.data() + rr * D;
       for (int64_t d = 0; d < D; d += 16) _mm512_storeu_ps(acc + d, _mm512_mul_ps(_mm512_loadu_ps(acc + d), _mm512_set1_ps(a)));
     }
+    uint32_t* pp = sc.pairs.data();
+    if constexpr (std::is_same_v<T, bf16_t>) pair_probabilities(rl, st, nk, pp);
+    auto pv = [&](auto nt, int i) {  // the quad of tokens [i, i + NT)
+      constexpr int NT = decltype(nt)::value;
+      if constexpr (std::is_same_v<T, bf16_t>) pv_quad_bf16<NT>(p, sc, rl, pp + i / 2 * rl.NRP, voff + i, vpf);
+      else pv_quad<T, NT>(p, sc, rl, st + i * rl.NRP, voff + i, vpf);
+    };
     int i0 = 0;
-    for (; i0 + 4 <= nk; i0 += 4) pv_quad<T, 4>(p, sc, rl, st + i0 * rl.NRP, voff + i0, vpf);
+    for (; i0 + 4 <= nk; i0 += 4) pv(std::integral_constant<int, 4>{}, i0);
     switch (nk - i0) {
-      case 3: pv_quad<T, 3>(p, sc, rl, st + i0 * rl.NRP, voff + i0, vpf); break;
-      case 2: pv_quad<T, 2>(p, sc, rl, st + i0 * rl.NRP, voff + i0, vpf); break;
-      case 1: pv_quad<T, 1>(p, sc, rl, st + i0 * rl.NRP, voff + i0, vpf); break;
+      case 3: pv(std::integral_constant<int, 3>{}, i0); break;
+      case 2: pv(std::integral_constant<int, 2>{}, i0); break;
+      case 1: pv(std::integral_constant<int, 1>{}, i0); break;
       default: break;
     }
     std::rotate(ko, ko + 1, ko + 3), std::rotate(vo, vo + 1, vo + 3);
   }
+  if constexpr (std::is_same_v<T, bf16_t>) unpermute_bf16_acc(p, sc, rl);
   for (int64_t rr = 0; rr < rl.NR; ++rr) sc.stats[rr] = SoftmaxStats{sc.m[rr], sc.l[rr]};
 }
 

@@ -79,6 +79,7 @@ struct Scratch {
   // AVX-512 path: rows on lanes (visible ranges, running max / sum, rescale factors)
   std::vector<int32_t> lo32, hi32;
   std::vector<float> m, l, alpha;
+  std::vector<uint32_t> pairs;    // bf16 probabilities of a tile in token pairs (bf16 caches)
   std::vector<int64_t> row_koff;  // offset of each row's kv head in the key cache
   // Sizes the buffers for `rows` query rows (rounded up to whole 16-lane vectors) of `dp` padded
   // dims; keeps their memory across calls.
@@ -88,6 +89,7 @@ struct Scratch {
     vbuf.resize(kTile * dp), qb.resize(rows * dp), stats.resize(rows), lo.resize(rows), hi.resize(rows);
     koff.resize(3 * kTileA), voff.resize(3 * kTileA);
     lo32.resize(rows), hi32.resize(rows), m.resize(rows), l.resize(rows), alpha.resize(rows), row_koff.resize(rows);
+    pairs.resize(rows * (kTileA / 2));
   }
 };
 
