@@ -22,6 +22,8 @@
 // over the work items; compiled once per ISA level.
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <numeric>
 #include <type_traits>
 #include <vector>
 #include "core/decode_params.h"
@@ -343,15 +345,21 @@ void finish_rows(const DecodeParams& p, Scratch& sc, int64_t b, int split, int64
 }  // namespace
 
 // Splits per sequence when the caller passes 0: none when the sequences already share out
-// evenly over the threads, otherwise about four items per thread, at least kMinSplitKeys keys
-// per split (below that the partial traffic and the combine cost more than they balance).
+// evenly over the threads. Otherwise, when the sequences have about the same length, the fewest
+// splits that share the items (sequence x split) out evenly: each split starts with a tile whose
+// loads nothing prefetched, and one split per thread measured 1-10% faster than four at batch 1
+// (two threads, 1k-16k tokens). Mixed lengths take about four items per thread, so that the
+// dynamic schedule can balance them. At least kMinSplitKeys keys per split (below that the
+// partial traffic and the combine cost more than they balance).
 int choose_num_splits(const DecodeParams& p, int num_threads) {
   constexpr int64_t kMinSplitKeys = 256;
-  const int64_t items = p.batch;
-  if (items >= num_threads && items % num_threads == 0) return 1;
-  int64_t max_len = 0;
-  for (int64_t b = 0; b < p.batch; ++b) max_len = std::max<int64_t>(max_len, p.cache_seqlens[b]);
-  const int64_t by_balance = (4 * int64_t(num_threads) + items - 1) / items;
+  const int64_t items = p.batch, threads = num_threads;
+  if (items >= threads && items % threads == 0) return 1;
+  int64_t max_len = 0, min_len = INT64_MAX;
+  for (int64_t b = 0; b < p.batch; ++b)
+    max_len = std::max<int64_t>(max_len, p.cache_seqlens[b]), min_len = std::min<int64_t>(min_len, p.cache_seqlens[b]);
+  const bool even = max_len - min_len <= max_len / 8;
+  const int64_t by_balance = even ? threads / std::gcd(items, threads) : (4 * threads + items - 1) / items;
   const int64_t by_length = std::max<int64_t>(1, max_len / kMinSplitKeys);
   return int(std::max<int64_t>(1, std::min<int64_t>({by_balance, by_length, 64})));
 }
