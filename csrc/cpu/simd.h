@@ -52,6 +52,9 @@ inline VecF operator*(VecF a, VecF b) { return {_mm512_mul_ps(a.v, b.v)}; }
 inline VecF fmadd(VecF a, VecF b, VecF c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
 inline VecF max(VecF a, VecF b) { return {_mm512_max_ps(a.v, b.v)}; }
 inline float reduce_add(VecF a) { return _mm512_reduce_add_ps(a.v); }
+inline void reduce_add4(const VecF (&a)[4], float* out) {
+  for (int j = 0; j < 4; ++j) out[j] = reduce_add(a[j]);
+}
 inline float reduce_max(VecF a) { return _mm512_reduce_max_ps(a.v); }
 inline VecF operator-(VecF a, VecF b) { return {_mm512_sub_ps(a.v, b.v)}; }
 inline VecF operator/(VecF a, VecF b) { return {_mm512_div_ps(a.v, b.v)}; }
@@ -146,6 +149,12 @@ inline float reduce_add(VecF a) {
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
 }
+// out[j] = the sum of a[j]'s lanes for 4 vectors at once: 3 horizontal adds and one add where
+// four reduce_add calls take 12 shuffles and 12 adds.
+inline void reduce_add4(const VecF (&a)[4], float* out) {
+  const __m256 u = _mm256_hadd_ps(_mm256_hadd_ps(a[0].v, a[1].v), _mm256_hadd_ps(a[2].v, a[3].v));
+  _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(u), _mm256_extractf128_ps(u, 1)));
+}
 inline float reduce_max(VecF a) {
   __m128 s = _mm_max_ps(_mm256_castps256_ps128(a.v), _mm256_extractf128_ps(a.v, 1));
   s = _mm_max_ps(s, _mm_movehl_ps(s, s));
@@ -183,6 +192,9 @@ inline VecF operator*(VecF a, VecF b) { for (int i = 0; i < VecF::kWidth; ++i) a
 inline VecF fmadd(VecF a, VecF b, VecF c) { for (int i = 0; i < VecF::kWidth; ++i) c.v[i] = a.v[i] * b.v[i] + c.v[i]; return c; }
 inline VecF max(VecF a, VecF b) { for (int i = 0; i < VecF::kWidth; ++i) a.v[i] = a.v[i] > b.v[i] ? a.v[i] : b.v[i]; return a; }
 inline float reduce_add(VecF a) { float s = 0.f; for (float e : a.v) s += e; return s; }
+inline void reduce_add4(const VecF (&a)[4], float* out) {
+  for (int j = 0; j < 4; ++j) out[j] = reduce_add(a[j]);
+}
 inline float reduce_max(VecF a) { float s = a.v[0]; for (float e : a.v) s = e > s ? e : s; return s; }
 inline VecF operator-(VecF a, VecF b) { for (int i = 0; i < VecF::kWidth; ++i) a.v[i] -= b.v[i]; return a; }
 inline VecF operator/(VecF a, VecF b) { for (int i = 0; i < VecF::kWidth; ++i) a.v[i] /= b.v[i]; return a; }

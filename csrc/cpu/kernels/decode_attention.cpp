@@ -46,6 +46,9 @@ inline void exp_tile(float* x) {
   for (int j = 0; j < kTile; j += W) vexp_nonpos(VecF::load(x + j)).store(x + j);
 }
 
+// Token index within a tile, as floats (masks compare it with the visible range).
+alignas(64) constexpr float kTileIndex[kTile] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+
 inline float max_tile(const float* x) {
 #if defined(GK_SIMD_AVX512)
   return _mm512_reduce_max_ps(_mm512_loadu_ps(x));
@@ -143,8 +146,7 @@ inline void dot4(const float* const* q, const float* const* k, int64_t dp, float
       for (int r = 0; r < NR; ++r) a[r][j] = fmadd(x[r], kj, a[r][j]);
     }
   }
-  for (int r = 0; r < NR; ++r)
-    for (int j = 0; j < 4; ++j) out[r][j] = reduce_add(a[r][j]);
+  for (int r = 0; r < NR; ++r) reduce_add4(a[r], out[r]);
 }
 
 // acc[r][d] += sum_j p[r][j] * v[j][d] over the tile for NR (1 or 2) rows: one load of a value
@@ -243,6 +245,7 @@ void decode_work_item(const DecodeParams& p, Scratch& sc, int64_t b, int split) 
   int64_t* knext = sc.koff.data() + kTileA;
   int64_t* vnext = sc.voff.data() + kTileA;
   const int64_t row_bytes = D * int64_t(sizeof(T)), esize = sizeof(T);
+  const bool plain = p.softcap == 0.f && !p.alibi_slopes;  // scores are q.k * scale
   lookup_offsets(p, b, split_keys.lo, tile_tokens(split_keys, split_keys.lo, kTile), koff, voff);
   for (int64_t t0 = split_keys.lo; t0 < split_keys.hi; t0 += kTile) {
     const int nk = tile_tokens(split_keys, t0, kTile);
@@ -269,23 +272,35 @@ void decode_work_item(const DecodeParams& p, Scratch& sc, int64_t b, int split) 
       auto softmax_row = [&](int64_t rr, int64_t r) {
         const int64_t lo = sc.lo[rr], hi = sc.hi[rr];
         float* srow = sc.scores.data() + rr * kTile;
-        const int64_t s = r / G, h = kvh * G + r % G;
-        const float slope = p.alibi_slopes ? p.alibi_slopes[b * p.alibi_batch_stride + h] : 0.f;
-        const int64_t pos = s + L - Sq;
-        for (int j = 0; j < kTile; ++j) {
-          const int64_t t = t0 + j;
-          srow[j] = (t >= lo && t < hi && j < nk) ? decode_score(srow[j], p.scale, p.softcap, slope, pos - t) : -INFINITY;
+        if (plain) {  // scale, and -inf outside the row's visible tokens [jlo, jhi) of the tile
+          const VecF jlo = VecF::set1(float(std::clamp<int64_t>(lo - t0, 0, kTile)));
+          const VecF jhi = VecF::set1(float(std::clamp<int64_t>(std::min<int64_t>(hi, t0 + nk) - t0, 0, kTile)));
+          const VecF neg_inf = VecF::set1(-INFINITY), scale = VecF::set1(p.scale);
+          for (int j = 0; j < kTile; j += W) {
+            const VecF idx = VecF::load(kTileIndex + j);
+            VecF x = VecF::load(srow + j) * scale;
+            x = select_lt(idx, jlo, neg_inf, x);
+            select_lt(idx, jhi, x, neg_inf).store(srow + j);
+          }
+        } else {
+          const int64_t s = r / G, h = kvh * G + r % G;
+          const float slope = p.alibi_slopes ? p.alibi_slopes[b * p.alibi_batch_stride + h] : 0.f;
+          const int64_t pos = s + L - Sq;
+          for (int j = 0; j < kTile; ++j) {
+            const int64_t t = t0 + j;
+            srow[j] = (t >= lo && t < hi && j < nk) ? decode_score(srow[j], p.scale, p.softcap, slope, pos - t) : -INFINITY;
+          }
         }
         const float m_tile = max_tile(srow);
         if (m_tile == -INFINITY) return false;
-        for (int j = 0; j < kTile; ++j) srow[j] -= m_tile;
+        for (int j = 0; j < kTile; j += W) (VecF::load(srow + j) - VecF::set1(m_tile)).store(srow + j);
         exp_tile(srow);
         const MergeFactors f = sc.stats[rr].merge(m_tile, sum_tile(srow));
         float* acc = sc.acc.data() + rr * dp;
         if (f.self != 1.f)
           for (int64_t d = 0; d < dp; d += W) (VecF::load(acc + d) * VecF::set1(f.self)).store(acc + d);
         if (f.other != 1.f)
-          for (int j = 0; j < kTile; ++j) srow[j] *= f.other;
+          for (int j = 0; j < kTile; j += W) (VecF::load(srow + j) * VecF::set1(f.other)).store(srow + j);
         return true;
       };
       auto visible = [&](int64_t rr) { return !(sc.hi[rr] <= t0 || sc.lo[rr] >= t0 + nk); };
