@@ -3,6 +3,8 @@ take turns batch by batch over one shared rotation of input sets), the input-set
 companions are reported."""
 from __future__ import annotations
 
+import statistics
+
 import pytest
 import torch
 
@@ -98,11 +100,26 @@ def test_companions_are_timed_and_reported(monkeypatch):
     rate, time_ = row["companions"]
     assert (rate["label"], rate["report"], time_["report"]) == ("sum", "rate", "time")
     assert len(rate["samples_us"]) == 3
-    assert rate["ratio"] == pytest.approx(rate["us"] / ours) and time_["ratio"] == pytest.approx(ours / time_["us"])
+    # ratios pair the samples of one repeat (timed a batch apart), then take the median
+    ours_s = row["genkernels_samples_us"]
+    assert rate["ratio"] == pytest.approx(statistics.median(c / o for c, o in zip(rate["samples_us"], ours_s)))
+    assert time_["ratio"] == pytest.approx(statistics.median(o / c for c, o in zip(time_["samples_us"], ours_s)))
+    assert row["speedup"] == pytest.approx(statistics.median(b / o for b, o in zip(row["baseline_samples_us"], ours_s)))
     text = runner.format_table([row])
     assert "same-loop refs" in text and f"{100 * rate['ratio']:.0f}% of sum" in text and f"{time_['ratio']:.2f}x twice" in text
     # tables without companions keep their columns
     assert "same-loop refs" not in runner.format_table([{**row, "companions": []}])
+
+
+def test_paired_ratio():
+    # a drift that slows both sides of repeat 2 leaves every pair at 2x; medians of the series
+    # alone would pair different repeats
+    assert timing.paired_ratio([2.0, 4.0, 20.0], [1.0, 2.0, 10.0]) == 2.0
+    assert timing.paired_ratio([3.0, 1.0, 8.0], [1.0, 1.0, 1.0]) == 3.0
+    with pytest.raises(ValueError, match="equal"):
+        timing.paired_ratio([1.0], [1.0, 2.0])
+    with pytest.raises(ValueError, match="equal"):
+        timing.paired_ratio([], [])
 
 
 def test_companion_report_is_checked():

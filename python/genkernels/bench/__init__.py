@@ -2,7 +2,8 @@
 
 Each case times a genkernels op and its PyTorch baseline (the same math in ordinary torch ops)
 on the same inputs, on the default device (CUDA if available, else CPU), and reports the
-medians, the speedup, the achieved GB/s (memory-bound ops) or GFLOP/s (compute-bound ones) and
+medians, the speedup (the median of per-repeat ratios: the op and its baseline are timed in
+alternating batches), the achieved GB/s (memory-bound ops) or GFLOP/s (compute-bound ones) and
 that rate as a fraction of this machine's measured peak.
 
 Peaks are measured once per run with torch, not with a native kernel of ours: copy bandwidth

@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     print(runner.format_peaks(peaks, device) + f"; {torch.get_num_threads()} CPU threads")
     print(f"median of {repeats} repeats; inputs rotated over > {timing.LLC_SPAN}x the last-level cache "
           f"({timing.last_level_cache_bytes(device) >> 20} MiB) except overhead cases; the op, its baseline"
-          " and its same-loop refs are timed in alternating batches")  # fmt: skip
+          " and its same-loop refs are timed in alternating batches, and the speedup and same-loop ratios are"
+          " medians of per-repeat ratios")  # fmt: skip
     print(runner.format_table(rows))
     for r in rows:
         if r["note"]:

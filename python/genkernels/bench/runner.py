@@ -42,7 +42,7 @@ def run_case(case: Case, device: torch.device, repeats: int, peaks: dict, llc_by
         companions.append({
             "label": c.label, "report": c.report, "us": t_c * 1e6, "samples_us": [t * 1e6 for t in s],
             # "time": the op's time over the companion's; "rate": the op's rate over the companion's
-            "ratio": t_ours / t_c if c.report == "time" else t_c / t_ours,
+            "ratio": timing.paired_ratio(ours, s) if c.report == "time" else timing.paired_ratio(s, ours),
         })  # fmt: skip
     t_base = timing.median(theirs) if theirs else None
     peak, unit = timing.peak_for(case.bound, case.dtype, peaks)
@@ -64,7 +64,7 @@ def run_case(case: Case, device: torch.device, repeats: int, peaks: dict, llc_by
         "genkernels_us": t_ours * 1e6,
         "baseline_us": None if t_base is None else t_base * 1e6,
         "baseline": case.baseline_label if case.baseline else None,
-        "speedup": None if t_base is None else t_base / t_ours,
+        "speedup": None if t_base is None else timing.paired_ratio(theirs, ours),
         "rate": rate,
         "rate_unit": unit,
         "fraction_of_peak": None if rate is None else rate / peak,

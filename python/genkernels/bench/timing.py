@@ -135,6 +135,16 @@ def median(samples: list[float]) -> float:
     return statistics.median(samples)
 
 
+def paired_ratio(num: list[float], den: list[float]) -> float:
+    """Median over repeats of num[i] / den[i], for two series from ``measure_interleaved`` (sample
+    i of each was timed in the same repeat, a batch apart): the machine's drift during a case
+    moves both sides of a pair alike, where a ratio of the two medians can pair a fast repeat of
+    one with a slow repeat of the other."""
+    if len(num) != len(den) or not num:
+        raise ValueError(f"paired_ratio needs two series of equal, nonzero length (got {len(num)} and {len(den)})")
+    return statistics.median(n / d for n, d in zip(num, den))
+
+
 def measure_peaks(device: torch.device, quick: bool = False, repeats: int = 5) -> dict[str, float]:
     """This machine's ceilings, measured with torch:
 
