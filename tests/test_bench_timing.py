@@ -139,3 +139,25 @@ def test_decode_cases_carry_the_read_probe_and_contiguous_refs():
     assert len(s) == 2 and all(t.dtype == torch.float32 for t in s)
     out = paged.companions[1].fn(q, kp, vp, lens, table, k, v)
     torch.testing.assert_close(out, paged.genkernels(q, kp, vp, lens, table, k, v), rtol=0, atol=0)
+
+
+def test_bench_runs_summary():
+    """scripts/bench_runs.py: per case, the median over runs of each figure, with its range."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("bench_runs", Path(__file__).parents[1] / "scripts" / "bench_runs.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+
+    def doc(us, speedup, frac, read):
+        row = {"name": "op/s/fp32", "op": "op", "genkernels_us": us, "rate": 1000 / us, "rate_unit": "GB/s",
+               "speedup": speedup, "companions": [{"label": "torch.sum", "report": "rate", "ratio": frac},
+                                                  {"label": "contiguous", "report": "time", "ratio": 1.1}]}
+        return {"peaks": {"read_gbps": read}, "rows": [row, {**row, "name": "other/s/fp32", "op": "other"}]}
+
+    text = mod.summarise([doc(100, 2.0, 0.8, 50), doc(200, 3.0, 0.6, 70), doc(150, 2.5, 0.9, 60)], "op")
+    assert "3 runs; read peak at the start of each: 50.0, 70.0, 60.0 GB/s" in text
+    assert "| op/s/fp32 | 150 [100-200] | 6.7 GB/s [5.0-10.0] | 2.50x [2.00-3.00] |" in text
+    assert "80% [60-90] of torch.sum; 1.10x [1.10-1.10] contiguous |" in text
+    assert "other/s/fp32" not in text

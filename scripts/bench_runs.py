@@ -1,0 +1,65 @@
+#!/usr/bin/env python
+"""Summarises several ``python -m genkernels.bench --json`` runs of the same cases (developer
+tool): per case, the median over runs of the time, the rate, the speedup and each same-loop
+ratio, with their range in brackets. On a shared host whose memory bandwidth drifts by 2x within
+minutes, one run's row can land in a slow or fast spell; several runs show how far it moves.
+
+    for i in 1 2 3; do python -m genkernels.bench decode --json /tmp/run$i.json; done
+    python scripts/bench_runs.py /tmp/run*.json [--op decode_attention]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+
+
+def _fmt(values: list[float], spec: str, suffix: str = "") -> str:
+    mid = statistics.median(values)
+    if len(values) == 1:
+        return f"{mid:{spec}}{suffix}"
+    return f"{mid:{spec}}{suffix} [{min(values):{spec}}-{max(values):{spec}}]"
+
+
+def summarise(docs: list[dict], op: str | None) -> str:
+    by_name: dict[str, list[dict]] = {}
+    for doc in docs:
+        for row in doc["rows"]:
+            if op is None or row["op"] == op:
+                by_name.setdefault(row["name"], []).append(row)
+    peaks = [doc["peaks"].get("read_gbps") for doc in docs if doc["peaks"].get("read_gbps")]
+    lines = [f"{len(docs)} runs; read peak at the start of each: " + ", ".join(f"{p:.1f}" for p in peaks) + " GB/s", ""]
+    lines.append("| case | us | rate | speedup | same-loop refs |")
+    lines.append("| --- | --- | --- | --- | --- |")
+    for name, rows in by_name.items():
+        rates = [r["rate"] for r in rows if r.get("rate")]
+        speedups = [r["speedup"] for r in rows if r.get("speedup")]
+        refs = []
+        for label in dict.fromkeys(c["label"] for r in rows for c in r.get("companions", [])):
+            cs = [c for r in rows for c in r["companions"] if c["label"] == label]
+            if cs[0]["report"] == "rate":
+                refs.append(_fmt([100 * c["ratio"] for c in cs], ".0f", "%") + f" of {label}")
+            else:
+                refs.append(_fmt([c["ratio"] for c in cs], ".2f", "x") + f" {label}")
+        lines.append(" | ".join([
+            f"| {name}", _fmt([r["genkernels_us"] for r in rows], ",.0f"),
+            _fmt(rates, ".1f", f" {rows[0]['rate_unit']}") if rates else "-",
+            _fmt(speedups, ".2f", "x") if speedups else "-", "; ".join(refs) or "-",
+        ]) + " |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("json", nargs="+", help="files written by python -m genkernels.bench --json")
+    ap.add_argument("--op", help="only the rows of this op")
+    args = ap.parse_args()
+    docs = []
+    for path in args.json:
+        with open(path) as f:
+            docs.append(json.load(f))
+    print(summarise(docs, args.op))
+
+
+if __name__ == "__main__":
+    main()
