@@ -23,7 +23,7 @@
 //    masks only on tiles that cross some row's visible range.
 //  - P.V. For each quad and kv head, a 64-dim slab of the 4 value rows stays in registers while
 //    every row of the head accumulates into its fp32 output row (in L1). bf16 caches multiply
-//    bf16 P by V with VDPBF16PS over token pairs (pv_quad_bf16), as the flash kernels do.
+//    bf16 P by V with VDPBF16PS over token pairs (pv_pass_bf16), as the flash kernels do.
 #pragma once
 #if defined(GK_SIMD_AVX512)
 // Accumulator i of a 16-way block holds item kKeyOfAcc[i], so that the transpose reduction's
@@ -193,7 +193,7 @@ void pv_quad(const DecodeParams& p, Scratch& sc, const RowLayout& rl, const floa
 // order). Per pair of tokens and 32 dims: 2 shuffles and a dot product per row, where the fp32
 // form converts 4 vectors and issues 2 FMAs per row.
 template <int NT>
-void pv_quad_bf16(const DecodeParams& p, Scratch& sc, const RowLayout& rl, const uint32_t* pp, const int64_t* voff,
+void pv_pass_bf16(const DecodeParams& p, Scratch& sc, const RowLayout& rl, const uint32_t* pp, const int64_t* voff,
                   TilePrefetcher& pf) {
   constexpr int NP = (NT + 1) / 2;
   const int64_t D = p.head_dim, vs2 = p.v_stride[2];
@@ -238,7 +238,7 @@ inline void pair_probabilities(const RowLayout& rl, const float* st, int nk, uin
     }
 }
 
-// Restores head-dim order in the rows' accumulators after pv_quad_bf16 (see there).
+// Restores head-dim order in the rows' accumulators after pv_pass_bf16 (see there).
 inline void unpermute_bf16_acc(const DecodeParams& p, Scratch& sc, const RowLayout& rl) {
   // output dim k of a 32-dim group sits at position 4 * (k / 8) + k % 4 of the first 16 floats
   // (k % 8 < 4) or of the next 16 (index + 16 in VPERMT2PS terms)
@@ -252,18 +252,6 @@ inline void unpermute_bf16_acc(const DecodeParams& p, Scratch& sc, const RowLayo
       _mm512_storeu_ps(acc, _mm512_permutex2var_ps(lo, i0, hi));
       _mm512_storeu_ps(acc + 16, _mm512_permutex2var_ps(lo, i1, hi));
     }
-}
-
-// One PREFETCHT2 per token row (all kv heads) of K and V for the n tokens at offsets koff / voff
-// (elements, head 0): issued two tiles ahead, it takes the tile's TLB misses (a page walk per
-// 4 KiB with the usual 4 KiB pages) a tile before the data prefetches that would otherwise wait
-// for them. In interleaved runs of a standalone driver at 16k-64k tokens: fp32 +3-4% at two
-// threads and +9-14% at one, paged fp32 +1-4%, bf16 within the noise.
-inline void warm_translations(const DecodeParams& p, const int64_t* koff, const int64_t* voff, int64_t n, int64_t esize) {
-  for (int64_t j = 0; j < n; ++j) {
-    _mm_prefetch(static_cast<const char*>(p.k) + koff[j] * esize, _MM_HINT_T2);
-    _mm_prefetch(static_cast<const char*>(p.v) + voff[j] * esize, _MM_HINT_T2);
-  }
 }
 
 // The work item (b, split) for head dims that are multiples of 32. Rows come initialised by
@@ -323,9 +311,9 @@ void decode_work_item_avx512(const DecodeParams& p, Scratch& sc, int64_t b, cons
     }
     uint32_t* pp = sc.pairs.data();
     if constexpr (std::is_same_v<T, bf16_t>) pair_probabilities(rl, st, nk, pp);
-    auto pv = [&](auto nt, int i) {  // the quad of tokens [i, i + NT)
+    auto pv = [&](auto nt, int i) {  // P.V for the NT tokens [i, i + NT)
       constexpr int NT = decltype(nt)::value;
-      if constexpr (std::is_same_v<T, bf16_t>) pv_quad_bf16<NT>(p, sc, rl, pp + i / 2 * rl.NRP, voff + i, vpf);
+      if constexpr (std::is_same_v<T, bf16_t>) pv_pass_bf16<NT>(p, sc, rl, pp + i / 2 * rl.NRP, voff + i, vpf);
       else pv_quad<T, NT>(p, sc, rl, st + i * rl.NRP, voff + i, vpf);
     };
     int i0 = 0;
