@@ -148,18 +148,21 @@ def test_lower_isa_levels(isa, monkeypatch):
     _native.reload_cpu_isa()
     try:
         g = torch.Generator().manual_seed(7)
-        for dtype, page_size in ((torch.float32, 16), (torch.bfloat16, 0)):
-            k, v, table = make_cache(2, 50, 2, 64, dtype, page_size, g)
-            q = torch.randn(2, 2, 8, 64, dtype=dtype, generator=g)
+        # head dim 64: bf16 rows read in place at the AVX2 level; 72: through the fp32 tile buffers
+        for dtype, page_size, head_dim in ((torch.float32, 16, 64), (torch.bfloat16, 0, 64), (torch.bfloat16, 16, 64),
+                                           (torch.bfloat16, 16, 72), (torch.float16, 0, 64)):  # fmt: skip
+            k, v, table = make_cache(2, 50, 2, head_dim, dtype, page_size, g)
+            q = torch.randn(2, 2, 8, head_dim, dtype=dtype, generator=g)
             check(q, k, v, torch.tensor([50, 9], dtype=torch.int32), table, num_splits=2)
         # the generic work item takes a head's rows in pairs: odd row counts (group 3, or 1 x 3
         # query tokens) and pairs whose rows see different keys (causal / window edges)
-        for group, seqlen_q, window in ((3, 1, (-1, -1)), (1, 3, (-1, -1)), (1, 3, (5, 0)), (2, 3, (7, -1))):
-            k, v, table = make_cache(2, 40, 2, 64, torch.float32, 16, g)
-            q = torch.randn(2, seqlen_q, 2 * group, 64, generator=g)
-            check(q, k, v, torch.tensor([40, 6], dtype=torch.int32), table, window=window, num_splits=1)
-            check(q, k, v, torch.tensor([17, 1], dtype=torch.int32), table, window=window, softcap=5.0,
-                  alibi_slopes=torch.rand(2 * group, generator=g), num_splits=3)
+        for dtype in (torch.float32, torch.bfloat16):
+            for group, seqlen_q, window in ((3, 1, (-1, -1)), (1, 3, (-1, -1)), (1, 3, (5, 0)), (2, 3, (7, -1))):
+                k, v, table = make_cache(2, 40, 2, 64, dtype, 16, g)
+                q = torch.randn(2, seqlen_q, 2 * group, 64, dtype=dtype, generator=g)
+                check(q, k, v, torch.tensor([40, 6], dtype=torch.int32), table, window=window, num_splits=1)
+                check(q, k, v, torch.tensor([17, 1], dtype=torch.int32), table, window=window, softcap=5.0,
+                      alibi_slopes=torch.rand(2 * group, generator=g), num_splits=3)
     finally:
         monkeypatch.delenv("GK_CPU_ISA")
         _native.reload_cpu_isa()
