@@ -47,7 +47,8 @@ def input_sets_needed(bytes_per_set: int, llc_bytes: int) -> int:
 
 def tensor_bytes(obj: Any) -> int:
     """Bytes of memory under the tensors in ``obj`` (nested tuples / lists), each byte once: a
-    tensor passed twice, or overlapping views of one buffer, count once. (Counting each tensor
+    tensor passed twice, or overlapping views of one buffer, count once; a tensor spans numel x
+    element size bytes from its first element (exact for dense tensors). (Counting each tensor
     made the contiguous decode cases, whose inputs name the cache twice, rotate over half the
     intended span, so that part of their reads came from L3.)"""
     spans: list[tuple[str, int, int]] = []
