@@ -112,9 +112,11 @@ def test_companions_are_timed_and_reported(monkeypatch):
 
 
 def test_paired_ratio():
-    # a drift that slows both sides of repeat 2 leaves every pair at 2x; medians of the series
-    # alone would pair different repeats
-    assert timing.paired_ratio([2.0, 4.0, 20.0], [1.0, 2.0, 10.0]) == 2.0
+    # the op twice as slow as its reference in two repeats of three, with the machine's speed
+    # changing between repeats: the paired median is 2x, the ratio of the two medians 0.4x
+    num, den = [2.0, 4.0, 30.0], [1.0, 10.0, 15.0]
+    assert timing.paired_ratio(num, den) == 2.0
+    assert timing.median(num) / timing.median(den) == pytest.approx(0.4)
     assert timing.paired_ratio([3.0, 1.0, 8.0], [1.0, 1.0, 1.0]) == 3.0
     with pytest.raises(ValueError, match="equal"):
         timing.paired_ratio([1.0], [1.0, 2.0])
