@@ -38,6 +38,19 @@ def test_matches_reference(dtype, page_size, group, seqlen_q, num_splits, head_d
     check(q, k, v, lens, table, num_splits=num_splits)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [48, 80])
+@pytest.mark.parametrize("page_size", [0, 16])
+def test_generic_work_item_head_dims(dtype, head_dim, page_size):
+    """Head dims that are a multiple of 16 but not of 32 take the generic work item at the
+    AVX-512 level too (fp16 rows read in place, bf16 through the fp32 tile buffers)."""
+    g = torch.Generator().manual_seed(head_dim + page_size)
+    k, v, table = make_cache(2, 70, 2, head_dim, dtype, page_size, g)
+    q = torch.randn(2, 4, 8, head_dim, dtype=dtype, generator=g)
+    check(q, k, v, torch.tensor([70, 19], dtype=torch.int32), table, num_splits=2)
+    check(q, k, v, torch.tensor([33, 5], dtype=torch.int32), table, softcap=3.0, num_splits=1)
+
+
 @pytest.mark.parametrize("num_splits", [0, 1, 4])
 def test_paged_equals_contiguous(num_splits):
     g = torch.Generator().manual_seed(1)

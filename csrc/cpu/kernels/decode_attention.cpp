@@ -7,12 +7,13 @@
 // approach DRAM bandwidth. For each kv head the rows are all seqlen_q x group query heads that
 // share it, so each cache element is read from memory once per call (GQA packing).
 // Keys stream in tiles of kTile tokens: the tile's token offsets are looked up once (page table
-// hoisted out of every inner loop) and shared by every head; fp16 rows (and bf16 rows whose head
-// dim is not a multiple of 16) are converted once into an fp32 tile in L1 (generic path), then
-// scores (SIMD dot products), the online softmax of csrc/core (SoftmaxStats, vector exp) and the
-// P.V accumulation (fp32) reuse that tile. At the AVX2 level bf16 rows are read in place, split
-// into even and odd dims by a mask and a shift (kRawBF16): 1.6x in L2 and 1.75x from DRAM at two
-// threads against converting them into the tile. The
+// hoisted out of every inner loop) and shared by every head. In the generic path, rows that are
+// neither fp32 nor read in place are converted once into an fp32 tile in L1, which the scores
+// (SIMD dot products), the online softmax of csrc/core (SoftmaxStats, vector exp) and the P.V
+// accumulation (fp32) then reuse. Read in place instead: fp16 rows of whole vectors (converted as
+// loaded: 1.45x at the AVX2 level, one thread), and, at the AVX2 level, bf16 rows of whole 16-dim
+// groups, split into even and odd dims by a mask and a shift (kRawBF16: 1.6x in L2, 1.75x from
+// DRAM at two threads). The
 // generic path walks a head's rows a tile at a time (256-512-byte runs a token apart), which the
 // hardware prefetchers follow poorly, so the next tile's rows are prefetched in memory order
 // (TilePrefetcher) over the dot products and the P.V loop: from DRAM at the AVX2 level, 1.2x
@@ -150,17 +151,20 @@ struct TilePrefetcher {
   }
 };
 
-// Key and value rows as the generic work item reads them: fp32 (in place, or converted into the
-// tile buffers), or, at the AVX2 level, bf16 in place, each group of 2W dims loaded as its even
-// and odd dims (load_bf16_even_odd). In that raw form the query rows and the accumulators hold
-// each group of 2W dims as [W even dims][W odd dims] (to_even_odd / from_even_odd).
+// Key and value rows as the generic work item reads them (KV): fp32 (in place, or converted into
+// the tile buffers), fp16 in place (converted as loaded), or, at the AVX2 level, bf16 in place,
+// each group of 2W dims loaded as its even and odd dims (load_bf16_even_odd). In that even / odd
+// form the query rows and the accumulators hold each group of 2W dims as [W even dims][W odd
+// dims] (to_even_odd / from_even_odd).
 #if defined(GK_SIMD_AVX2)
 constexpr bool kRawBF16 = true;
 #else
 constexpr bool kRawBF16 = false;
 #endif
 template <class KV>
-constexpr int64_t kRowStep = std::is_same_v<KV, float> ? W : 2 * W;  // dims per load step
+constexpr bool kEvenOdd = kRawBF16 && std::is_same_v<KV, bf16_t>;
+template <class KV>
+constexpr int64_t kRowStep = kEvenOdd<KV> ? 2 * W : W;  // dims per load step
 
 // Rows of n (a multiple of 2W) floats, each group of 2W dims to [even dims][odd dims], and back.
 inline void to_even_odd(float* x, int64_t n) {
@@ -187,7 +191,7 @@ inline void dot4(const float* const* q, const KV* const* k, int64_t dp, float* c
     for (int j = 0; j < 4; ++j) a[r][j] = VecF::zero();
   for (int64_t d = 0; d < dp; d += kRowStep<KV>) {
     pf.step();
-    if constexpr (std::is_same_v<KV, float>) {
+    if constexpr (!kEvenOdd<KV>) {
       VecF x[NR];
       for (int r = 0; r < NR; ++r) x[r] = VecF::load(q[r] + d);
       for (int j = 0; j < 4; ++j) {
@@ -213,7 +217,7 @@ inline void dot4(const float* const* q, const KV* const* k, int64_t dp, float* c
 // accumulators lay them out: fp32 in order, raw bf16 as [even][odd] per 2W dims.
 template <int C, class KV>
 GK_INLINE void load_values(const KV* v, int64_t d, VecF (&x)[C]) {
-  if constexpr (std::is_same_v<KV, float>) {
+  if constexpr (!kEvenOdd<KV>) {
     for (int c = 0; c < C; ++c) x[c] = VecF::load(v + d + c * W);
   } else {
 #if defined(GK_SIMD_AVX2)
@@ -301,7 +305,7 @@ template <class T, class KV>
 void decode_work_item_generic(const DecodeParams& p, Scratch& sc, int64_t b, int split, KeyRange split_keys) {
   const int64_t D = p.head_dim, dp = (D + W - 1) / W * W, G = p.group(), Sq = p.seqlen_q, R = Sq * G;
   const int64_t L = p.cache_seqlens[b];
-  constexpr bool kRaw = !std::is_same_v<KV, float>;  // bf16 rows read in place, as even / odd dims
+  constexpr bool kRaw = kEvenOdd<KV>;  // bf16 rows read in place, as even / odd dims
   init_rows<T>(p, sc, b, split_keys, dp, false);
   if constexpr (kRaw)
     for (int64_t rr = 0; rr < p.heads_kv * R; ++rr) to_even_odd(sc.q.data() + rr * dp, dp);
@@ -342,7 +346,7 @@ void decode_work_item_generic(const DecodeParams& p, Scratch& sc, int64_t b, int
       for (int j = 0; j < kTile; ++j) {
         if (direct) {
           kptr[j] = reinterpret_cast<const KV*>(kbase + koff[j]), vptr[j] = reinterpret_cast<const KV*>(vbase + voff[j]);
-        } else if constexpr (!kRaw) {
+        } else if constexpr (std::is_same_v<KV, float>) {
           if (j < nk) load_row_f32(kbase + koff[j], sc.kbuf.data() + j * dp, D, dp), load_row_f32(vbase + voff[j], sc.vbuf.data() + j * dp, D, dp);
           kptr[j] = sc.kbuf.data() + (j < nk ? j : 0) * dp, vptr[j] = sc.vbuf.data() + (j < nk ? j : 0) * dp;
         }
@@ -429,6 +433,8 @@ void decode_work_item(const DecodeParams& p, Scratch& sc, int64_t b, int split) 
 #endif
   if constexpr (kRawBF16 && std::is_same_v<T, bf16_t>)
     if (D % (2 * W) == 0) return decode_work_item_generic<T, bf16_t>(p, sc, b, split, split_keys);
+  if constexpr (std::is_same_v<T, fp16_t>)
+    if (D % W == 0) return decode_work_item_generic<T, fp16_t>(p, sc, b, split, split_keys);
   decode_work_item_generic<T, float>(p, sc, b, split, split_keys);
 }
 
