@@ -43,7 +43,7 @@ def test_matches_reference(dtype, page_size, group, seqlen_q, num_splits, head_d
 @pytest.mark.parametrize("page_size", [0, 16])
 def test_generic_work_item_head_dims(dtype, head_dim, page_size):
     """Head dims that are a multiple of 16 but not of 32 take the generic work item at the
-    AVX-512 level too (fp16 rows read in place, bf16 through the fp32 tile buffers)."""
+    AVX-512 level too (fp16 and bf16 rows read in place, converted as loaded)."""
     g = torch.Generator().manual_seed(head_dim + page_size)
     k, v, table = make_cache(2, 70, 2, head_dim, dtype, page_size, g)
     q = torch.randn(2, 4, 8, head_dim, dtype=dtype, generator=g)

@@ -10,10 +10,10 @@
 // hoisted out of every inner loop) and shared by every head. In the generic path, rows that are
 // neither fp32 nor read in place are converted once into an fp32 tile in L1, which the scores
 // (SIMD dot products), the online softmax of csrc/core (SoftmaxStats, vector exp) and the P.V
-// accumulation (fp32) then reuse. Read in place instead: fp16 rows of whole vectors (converted as
-// loaded: 1.45x at the AVX2 level, one thread), and, at the AVX2 level, bf16 rows of whole 16-dim
-// groups, split into even and odd dims by a mask and a shift (kRawBF16: 1.6x in L2, 1.75x from
-// DRAM at two threads). The
+// accumulation (fp32) then reuse. Read in place instead: fp16 and bf16 rows of whole vectors,
+// converted as loaded (fp16 1.45x at the AVX2 level, bf16 1.3x at the baseline level, one
+// thread), except that at the AVX2 level bf16 rows of whole 16-dim groups are split into even and
+// odd dims by a mask and a shift (kRawBF16: 1.6x in L2, 1.75x from DRAM at two threads). The
 // generic path walks a head's rows a tile at a time (256-512-byte runs a token apart), which the
 // hardware prefetchers follow poorly, so the next tile's rows are prefetched in memory order
 // (TilePrefetcher) over the dot products and the P.V loop: from DRAM at the AVX2 level, 1.2x
@@ -431,10 +431,8 @@ void decode_work_item(const DecodeParams& p, Scratch& sc, int64_t b, int split) 
     return;
   }
 #endif
-  if constexpr (kRawBF16 && std::is_same_v<T, bf16_t>)
-    if (D % (2 * W) == 0) return decode_work_item_generic<T, bf16_t>(p, sc, b, split, split_keys);
-  if constexpr (std::is_same_v<T, fp16_t>)
-    if (D % W == 0) return decode_work_item_generic<T, fp16_t>(p, sc, b, split, split_keys);
+  if constexpr (!std::is_same_v<T, float>)  // fp16 / bf16 rows read in place when whole load steps
+    if (D % kRowStep<T> == 0) return decode_work_item_generic<T, T>(p, sc, b, split, split_keys);
   decode_work_item_generic<T, float>(p, sc, b, split, split_keys);
 }
 
