@@ -152,9 +152,9 @@ struct TilePrefetcher {
 };
 
 // Key and value rows as the generic work item reads them (KV): fp32 (in place, or converted into
-// the tile buffers), fp16 in place (converted as loaded), or, at the AVX2 level, bf16 in place,
-// each group of 2W dims loaded as its even and odd dims (load_bf16_even_odd). In that even / odd
-// form the query rows and the accumulators hold each group of 2W dims as [W even dims][W odd
+// the tile buffers), fp16 and bf16 in place (converted as loaded), except that at the AVX2 level
+// bf16 is read as each group of 2W dims' even and odd dims (load_bf16_even_odd). In that even /
+// odd form the query rows and the accumulators hold each group of 2W dims as [W even dims][W odd
 // dims] (to_even_odd / from_even_odd).
 #if defined(GK_SIMD_AVX2)
 constexpr bool kRawBF16 = true;
@@ -213,8 +213,8 @@ inline void dot4(const float* const* q, const KV* const* k, int64_t dp, float* c
   for (int r = 0; r < NR; ++r) reduce_add4(a[r], out[r]);
 }
 
-// Vectors c of the value row's dims [d, d + C * W) (C = 4, or 2 at the tail), as the
-// accumulators lay them out: fp32 in order, raw bf16 as [even][odd] per 2W dims.
+// Vectors c of the value row's dims [d, d + C * W) (C = 4, or one load step at the tail) as
+// the accumulators lay them out: in order, or [even][odd] per 2W dims (kEvenOdd).
 template <int C, class KV>
 GK_INLINE void load_values(const KV* v, int64_t d, VecF (&x)[C]) {
   if constexpr (!kEvenOdd<KV>) {
