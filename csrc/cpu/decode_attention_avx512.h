@@ -275,26 +275,18 @@ void decode_work_item_avx512(const DecodeParams& p, Scratch& sc, int64_t b, cons
   const bool shared = rl.R % 4 == 0;  // every block of 4 rows belongs to one kv head
   const int64_t H = p.heads_kv, esize = sizeof(T);
   constexpr int64_t kStep = std::is_same_v<T, bf16_t> ? 32 : 16;  // tile_scores' head dims per step
-  // Token offsets (elements, head 0) of the current tile, the next one and the one after, each
-  // looked up once and shared by every head: the tile after next's, wanted for its TLB warm-up,
-  // become the next tile's (for its prefetch), then the current ones.
-  int64_t* ko[3] = {sc.koff.data(), sc.koff.data() + kTileA, sc.koff.data() + 2 * kTileA};
-  int64_t* vo[3] = {sc.voff.data(), sc.voff.data() + kTileA, sc.voff.data() + 2 * kTileA};
-  lookup_offsets(p, b, split_keys.lo, tile_tokens(split_keys, split_keys.lo, kTileA), ko[0], vo[0]);
-  lookup_offsets(p, b, split_keys.lo + kTileA, tile_tokens(split_keys, split_keys.lo + kTileA, kTileA), ko[1], vo[1]);
+  TileOffsets offs(p, sc, b, split_keys, kTileA);
   float* st = sc.scores.data();
   for (int64_t t0 = split_keys.lo; t0 < split_keys.hi; t0 += kTileA) {
-    int64_t* koff = ko[0];
-    int64_t* voff = vo[0];
+    int64_t* koff = offs.k[0];
+    int64_t* voff = offs.v[0];
     const int nk = tile_tokens(split_keys, t0, kTileA);
     for (int j = nk; j < (nk + 3) / 4 * 4; ++j) koff[j] = koff[0], voff[j] = voff[0];  // quad padding: token t0
-    const int n2 = tile_tokens(split_keys, t0 + 2 * kTileA, kTileA);
-    lookup_offsets(p, b, t0 + 2 * kTileA, n2, ko[2], vo[2]);
-    warm_translations(p, ko[2], vo[2], n2, esize);
+    offs.warm_after_next(t0, esize);
     // the next tile's rows, prefetched during this tile's K and V loops
     const int nn = tile_tokens(split_keys, t0 + kTileA, kTileA);
-    const int64_t* knext = ko[1];
-    const int64_t* vnext = vo[1];
+    const int64_t* knext = offs.k[1];
+    const int64_t* vnext = offs.v[1];
     const int64_t quads = (nk + 3) / 4, row_bytes = D * esize, slabs = (D + 63) / 64;
     TilePrefetcher kpf(p.k, esize, knext, nn, H, p.k_stride[2], row_bytes, quads * (rl.NR4 / 4) * (D / kStep));
     // P.V passes: bf16 takes the tile 8 tokens at a time, then a quad and a tail
@@ -326,7 +318,7 @@ void decode_work_item_avx512(const DecodeParams& p, Scratch& sc, int64_t b, cons
       case 1: pv(std::integral_constant<int, 1>{}, i0); break;
       default: break;
     }
-    std::rotate(ko, ko + 1, ko + 3), std::rotate(vo, vo + 1, vo + 3);
+    offs.step();
   }
   if constexpr (std::is_same_v<T, bf16_t>) unpermute_bf16_acc(p, sc, rl);
   for (int64_t rr = 0; rr < rl.NR; ++rr) sc.stats[rr] = SoftmaxStats{sc.m[rr], sc.l[rr]};

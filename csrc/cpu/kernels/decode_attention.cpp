@@ -84,7 +84,7 @@ struct Scratch {
   std::vector<bf16_t> qb;  // bf16 query rows (AVX-512 path)
   std::vector<SoftmaxStats> stats;
   std::vector<int64_t> lo, hi;
-  std::vector<int64_t> koff, voff;  // token offsets (head 0) of a tile and the next one (and the one after, AVX-512)
+  std::vector<int64_t> koff, voff;  // token offsets (head 0) of a tile, the next one and the one after (TileOffsets)
   // AVX-512 path: rows on lanes (visible ranges, running max / sum, rescale factors)
   std::vector<int32_t> lo32, hi32;
   std::vector<float> m, l, alpha;
@@ -298,6 +298,33 @@ inline void lookup_offsets(const DecodeParams& p, int64_t b, int64_t t, int64_t 
 // Tokens of a tile of `tile` keys starting at t within the split's keys: 0 past their end.
 inline int tile_tokens(KeyRange keys, int64_t t, int tile) { return int(std::clamp<int64_t>(keys.hi - t, 0, tile)); }
 
+// Token offsets (elements, head 0) of a split's tiles of `tile` keys, each token looked up once
+// and shared by every head: the current tile's (k[0], v[0]), the next one's (prefetched during
+// the current one) and the one after's (its TLB misses taken early by warm_translations).
+// Buffers of kTileA entries in the scratch; step() moves them on by one tile.
+struct TileOffsets {
+  const DecodeParams& p;
+  int64_t b;
+  KeyRange keys;
+  int tile;
+  int64_t* k[3];
+  int64_t* v[3];
+  TileOffsets(const DecodeParams& params, Scratch& sc, int64_t seq, KeyRange split_keys, int tile_keys)
+      : p(params), b(seq), keys(split_keys), tile(tile_keys),
+        k{sc.koff.data(), sc.koff.data() + kTileA, sc.koff.data() + 2 * kTileA},
+        v{sc.voff.data(), sc.voff.data() + kTileA, sc.voff.data() + 2 * kTileA} {
+    lookup_offsets(p, b, keys.lo, tile_tokens(keys, keys.lo, tile), k[0], v[0]);
+    lookup_offsets(p, b, keys.lo + tile, tile_tokens(keys, keys.lo + tile, tile), k[1], v[1]);
+  }
+  // At the tile starting at t0: looks up the tile after next and warms its translations.
+  void warm_after_next(int64_t t0, int64_t esize) {
+    const int n2 = tile_tokens(keys, t0 + 2 * tile, tile);
+    lookup_offsets(p, b, t0 + 2 * tile, n2, k[2], v[2]);
+    warm_translations(p, k[2], v[2], n2, esize);
+  }
+  void step() { std::rotate(k, k + 1, k + 3), std::rotate(v, v + 1, v + 3); }
+};
+
 #include "cpu/decode_attention_avx512.h"
 
 // The generic work item (b, split), reading the cache rows as KV (see kRawBF16).
@@ -315,26 +342,19 @@ void decode_work_item_generic(const DecodeParams& p, Scratch& sc, int64_t b, int
   const KV* kptr[kTile];
   const KV* vptr[kTile];
 
-  // Token offsets of the current tile, the next one (prefetched during this one) and the one
-  // after (its TLB misses taken early), rotating as in the AVX-512 work item.
-  int64_t* ko[3] = {sc.koff.data(), sc.koff.data() + kTileA, sc.koff.data() + 2 * kTileA};
-  int64_t* vo[3] = {sc.voff.data(), sc.voff.data() + kTileA, sc.voff.data() + 2 * kTileA};
+  TileOffsets offs(p, sc, b, split_keys, kTile);
   const int64_t row_bytes = D * int64_t(sizeof(T)), esize = sizeof(T);
   const bool plain = p.softcap == 0.f && !p.alibi_slopes;  // scores are q.k * scale
-  lookup_offsets(p, b, split_keys.lo, tile_tokens(split_keys, split_keys.lo, kTile), ko[0], vo[0]);
-  lookup_offsets(p, b, split_keys.lo + kTile, tile_tokens(split_keys, split_keys.lo + kTile, kTile), ko[1], vo[1]);
   for (int64_t t0 = split_keys.lo; t0 < split_keys.hi; t0 += kTile) {
-    int64_t* koff = ko[0];
-    int64_t* voff = vo[0];
+    int64_t* koff = offs.k[0];
+    int64_t* voff = offs.v[0];
     const int nk = tile_tokens(split_keys, t0, kTile);
     for (int j = nk; j < kTile; ++j) koff[j] = koff[0], voff[j] = voff[0];  // masked padding: token t0
-    const int n2 = tile_tokens(split_keys, t0 + 2 * kTile, kTile);
-    lookup_offsets(p, b, t0 + 2 * kTile, n2, ko[2], vo[2]);
-    warm_translations(p, ko[2], vo[2], n2, esize);
+    offs.warm_after_next(t0, esize);
     // the next tile's rows, prefetched in memory order over this tile's dot products and P.V
     const int nn = tile_tokens(split_keys, t0 + kTile, kTile);
-    const int64_t* knext = ko[1];
-    const int64_t* vnext = vo[1];
+    const int64_t* knext = offs.k[1];
+    const int64_t* vnext = offs.v[1];
     const int64_t rows = p.heads_kv * ((R + 1) / 2);  // dot / P.V passes: one per pair of rows
     constexpr int64_t step = kRowStep<KV>;
     TilePrefetcher kpf(p.k, esize, knext, nn, p.heads_kv, p.k_stride[2], row_bytes, rows * (kTile / 4) * (dp / step));
@@ -411,7 +431,7 @@ void decode_work_item_generic(const DecodeParams& p, Scratch& sc, int64_t b, int
         else if (c0 || c1) accumulate_pv<1>(acc, prob, vptr, nk, dp, vpf);
       }
     }
-    std::rotate(ko, ko + 1, ko + 3), std::rotate(vo, vo + 1, vo + 3);
+    offs.step();
   }
   if constexpr (kRaw)
     for (int64_t rr = 0; rr < p.heads_kv * R; ++rr) from_even_odd(sc.acc.data() + rr * dp, dp);
