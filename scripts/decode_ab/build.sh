@@ -4,7 +4,7 @@
 #
 #   git worktree add /tmp/base HEAD
 #   scripts/decode_ab/build.sh /tmp/base/csrc csrc /tmp/decode_ab [avx512|avx2]
-#   /tmp/decode_ab 16384 2 8 10      # several rounds: two runs of identical code have differed
+#   /tmp/decode_ab 16384 2 9 10      # SETS odd; several rounds: two runs of identical code have differed
 #                                    # by up to 20% here
 #
 # The ISA level picks the kernel's flags (avx512, the default, or avx2 for the generic path).
