@@ -12,7 +12,9 @@
 //
 // Usage: decode_ab LENGTH THREADS SETS REPS   (32 q heads / 8 kv heads, head dim 128; SETS odd)
 // Environment: PAGE=n page size of the paged runs (default 16); BATCH=n sequences of LENGTH
-// tokens each (default 1); SPLITS=n split-KV count (default 0: the kernel's heuristic).
+// tokens each (default 1); SPLITS=n split-KV count (default 0: the kernel's heuristic);
+// HUGE_B=1: B reads its own copy of every set, on transparent huge pages (MADV_HUGEPAGE), A the
+// usual 4 KiB pages (with the same build as A and B, this measures what huge pages give).
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
@@ -21,6 +23,8 @@
 #include <memory>
 #include <random>
 #include <vector>
+
+#include <sys/mman.h>
 
 #include "core/numeric.h"
 #include "cpu/kernels.h"
@@ -38,9 +42,14 @@ constexpr int kHeadsQ = 32, kHeadsKV = 8, kHeadDim = 128;
 template <class T>
 struct Buffer {
   std::unique_ptr<T, decltype(&std::free)> ptr;
-  explicit Buffer(size_t n) : ptr(static_cast<T*>(std::aligned_alloc(64, (n * sizeof(T) + 63) / 64 * 64)), &std::free) {
+  // huge: 2 MiB aligned and advised as huge pages before the first touch
+  explicit Buffer(size_t n, bool huge = false)
+      : ptr(static_cast<T*>(std::aligned_alloc(huge ? kHuge : 64, bytes(n, huge ? kHuge : 64))), &std::free) {
     if (!ptr) std::abort();
+    if (huge && madvise(ptr.get(), bytes(n, kHuge), MADV_HUGEPAGE) != 0) std::perror("madvise");
   }
+  static constexpr size_t kHuge = size_t(2) << 20;
+  static size_t bytes(size_t n, size_t align) { return (n * sizeof(T) + align - 1) / align * align; }
   T& operator[](size_t i) { return ptr.get()[i]; }
   T* data() { return ptr.get(); }
 };
@@ -53,9 +62,12 @@ void run(int L, int threads, int nsets, bool paged, int reps, double* gbps) {
   const size_t n = size_t(B) * L * kHeadsKV * kHeadDim;
   // 64-byte aligned, as PyTorch's CPU allocator aligns tensors (std::vector's large blocks sit
   // 16 bytes past a page boundary, which splits every cache-line load)
+  // HUGE_B: sets [nsets, 2 nsets) are B's copies on huge pages
+  const bool huge_b = std::getenv("HUGE_B") && std::atoi(std::getenv("HUGE_B"));
+  const int copies = huge_b ? 2 * nsets : nsets;
   std::vector<Buffer<T>> K, V;
-  for (int s = 0; s < nsets; ++s) K.emplace_back(n), V.emplace_back(n);
-  for (int s = 0; s < nsets; ++s)
+  for (int s = 0; s < copies; ++s) K.emplace_back(n, s >= nsets), V.emplace_back(n, s >= nsets);
+  for (int s = 0; s < copies; ++s)
     for (size_t i = 0; i < n; ++i) {
       K[s][i] = gk::from_float<T>(float((i * 2654435761u) % 1000) * 1e-3f - 0.5f);
       V[s][i] = gk::from_float<T>(float((i * 40503u) % 1000) * 1e-3f - 0.5f);
@@ -72,7 +84,8 @@ void run(int L, int threads, int nsets, bool paged, int reps, double* gbps) {
     DecodeParams p;
     p.q = q.data();
     p.q_stride[0] = p.q_stride[1] = kHeadsQ * kHeadDim, p.q_stride[2] = kHeadDim;
-    p.k = K[set].data(), p.v = V[set].data();
+    const int copy = huge_b && which ? nsets + set : set;
+    p.k = K[copy].data(), p.v = V[copy].data();
     if (paged) {
       p.block_table = table.data(), p.block_table_stride = L / P, p.page_size = P, p.num_pages = B * L / P;
       p.k_stride[0] = int64_t(P) * kHeadsKV * kHeadDim;
