@@ -13,6 +13,7 @@ from genkernels.bench import registry, runner, timing
 
 def test_interleaved_turns_and_shared_rotation(monkeypatch):
     monkeypatch.setattr(timing, "MIN_BATCH_S", 0.0)  # one call per batch
+    monkeypatch.setattr(timing, "SETTLE_S", 0.0)  # no untimed calls before a batch
     log = []
     fns = [lambda s, name=name: log.append((name, s)) for name in "abc"]
     sets = [(i,) for i in range(5)]
@@ -25,8 +26,29 @@ def test_interleaved_turns_and_shared_rotation(monkeypatch):
     assert [s for _, s in log] == [i % 5 for i in range(len(log))]
 
 
+def test_untimed_calls_precede_each_batch(monkeypatch):
+    monkeypatch.setattr(timing, "MIN_BATCH_S", 0.0)
+    monkeypatch.setattr(timing, "settle_calls", lambda per_call: 2)
+    log = []
+    fns = [lambda s, name=name: log.append((name, s)) for name in "ab"]
+    samples = timing.measure_interleaved(fns, [(i,) for i in range(3)], torch.device("cpu"), repeats=2, warmup=2)
+    assert [len(s) for s in samples] == [2, 2]
+    # warm-up, then per repeat and fn: two untimed calls and the timed one, in the shared rotation
+    assert "".join(n for n, _ in log) == "aabb" + "aaabbb" + "bbbaaa"
+    assert [s for _, s in log] == [i % 3 for i in range(len(log))]
+
+
+def test_settle_calls():
+    assert timing.settle_calls(10 * timing.SETTLE_S) == 0  # long calls: none
+    assert timing.settle_calls(timing.SETTLE_S) == 1
+    assert timing.settle_calls(timing.SETTLE_S / 4) == 4
+    assert timing.settle_calls(timing.SETTLE_S * 3) == 1  # at least one below 10x
+    assert timing.settle_calls(0.0) == 100_000
+
+
 def test_measure_is_the_single_fn_case(monkeypatch):
     monkeypatch.setattr(timing, "MIN_BATCH_S", 0.0)
+    monkeypatch.setattr(timing, "SETTLE_S", 0.0)
     calls = []
     out = timing.measure(lambda s: calls.append(s), [(0,), (1,)], torch.device("cpu"), repeats=3)
     assert len(out) == 3 and calls == [0, 1, 0, 1, 0]

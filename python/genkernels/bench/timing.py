@@ -3,7 +3,8 @@
 A measurement is the median over `repeats` of one timed batch of calls; each batch runs enough
 calls to last about ``MIN_BATCH_S`` (so a microsecond op is not lost in the clock), rotating
 over input sets whose total exceeds the last-level cache, so every call reads from DRAM as a
-real model's would. CUDA timings synchronise the device before and after each batch."""
+real model's would. Untimed calls of the same fn (``SETTLE_S``) precede each timed batch. CUDA
+timings synchronise the device before and after each batch."""
 from __future__ import annotations
 
 import math
@@ -15,9 +16,16 @@ from typing import Any, Callable
 import torch
 
 MIN_BATCH_S = 2e-3
+# Untimed calls of a fn before each of its timed batches, lasting about this long: a batch that
+# follows a compute-heavy one starts slow on this host (the decode kernel's first call after
+# PyTorch's folded SDPA +13%, the next three +4-7%), which biased same-loop ratios against
+# whichever fn the interleaving put after the baseline (a paged decode measured 1.08-1.10x its
+# contiguous companion, 1.01-1.03x in orders where neither followed the baseline). Fns whose
+# calls take 10x longer get none: the effect is under 1% of one call.
+SETTLE_S = 5e-3
 MAX_INPUT_SETS = 256
 DEFAULT_LLC_BYTES = 32 << 20
-LLC_SPAN = 4  # input sets span this many last-level caches
+LLC_SPAN = 8  # input sets span this many last-level caches
 
 
 def last_level_cache_bytes(device: torch.device) -> int:
@@ -39,7 +47,9 @@ def input_sets_needed(bytes_per_set: int, llc_bytes: int) -> int:
     """How many input sets to rotate over so that they span ``LLC_SPAN`` times the last-level
     cache. Twice was not enough here: over a 64 MiB rotation (two 32 MiB decode caches),
     ``torch.sum`` read at about 1.8x the DRAM bandwidth, so the 32 MiB L3 kept part of it
-    (presumably a thrash-resistant replacement policy)."""
+    (presumably a thrash-resistant replacement policy). Four was not quite enough either: the
+    decode kernel re-reading a 32 MiB cache after 3 others (96 MiB) ran 7% faster than after 7
+    or 9 others, which measured the same (interleaved, same process)."""
     if bytes_per_set <= 0:
         return 1
     return max(1, min(MAX_INPUT_SETS, math.ceil(LLC_SPAN * llc_bytes / bytes_per_set)))
@@ -102,11 +112,13 @@ def measure_interleaved(
     The fns take turns batch by batch (repeat r times a batch of each, in list order on even
     repeats and reversed on odd ones), so every fn sees the same machine state: on a shared
     host, memory bandwidth drifts by up to 2x within minutes, which makes ratios of separately
-    timed runs meaningless. One rotation over the input sets is shared by all fns, so no call
-    finds the inputs a previous call just read still in the cache."""
+    timed runs meaningless. Each timed batch comes after untimed calls of the same fn
+    (``settle_calls``), so that no fn's batch pays for the one before it. One rotation over the
+    input sets is shared by all fns (untimed calls included), so no call finds the inputs a
+    previous call just read still in the cache."""
     n_sets = len(arg_sets)
     k = 0
-    calls = []
+    calls, settle = [], []
     for fn in fns:
         per_call = math.inf  # the fastest warm-up call sizes the batches (the first one is cold)
         for _ in range(max(2, warmup)):
@@ -117,11 +129,15 @@ def measure_interleaved(
             per_call = min(per_call, time.perf_counter() - t0)
             k = k + 1 if k + 1 < n_sets else 0
         calls.append(max(1, min(100_000, int(MIN_BATCH_S / max(per_call, 1e-9)))))
+        settle.append(settle_calls(per_call))
     samples: list[list[float]] = [[] for _ in fns]
     for r in range(repeats):
         order = range(len(fns)) if r % 2 == 0 else reversed(range(len(fns)))
         for i in order:
             fn = fns[i]
+            for _ in range(settle[i]):
+                fn(*arg_sets[k])
+                k = k + 1 if k + 1 < n_sets else 0
             _sync(device)
             t0 = time.perf_counter()
             for _ in range(calls[i]):
@@ -130,6 +146,14 @@ def measure_interleaved(
             _sync(device)
             samples[i].append((time.perf_counter() - t0) / calls[i])
     return samples
+
+
+def settle_calls(per_call: float) -> int:
+    """Untimed calls before a timed batch of a fn whose calls take ``per_call`` seconds: about
+    ``SETTLE_S`` of them, at least one, none for calls of ``10 * SETTLE_S`` or more."""
+    if per_call >= 10 * SETTLE_S:
+        return 0
+    return max(1, min(100_000, math.ceil(SETTLE_S / max(per_call, 1e-9))))
 
 
 def median(samples: list[float]) -> float:
