@@ -32,6 +32,7 @@
 #include <vector>
 #include "core/decode_params.h"
 #include "core/softmax_state.h"
+#include "cpu/aligned.h"
 #include "cpu/kernels.h"
 #include "cpu/kernels/merge_row.h"
 #include "cpu/simd.h"
@@ -78,17 +79,20 @@ inline void load_row_f32(const T* src, float* dst, int64_t n, int64_t padded) {
   for (; d < padded; ++d) dst[d] = 0.f;
 }
 
-// Per-thread scratch, allocated once per call and reused across work items.
+// Per-thread scratch, allocated once per call and reused across work items. The buffers that
+// SIMD code walks a vector at a time start on a cache line (their rows are whole vectors): with
+// std::vector's 16-byte alignment every 64-byte access of the accumulators straddled two lines,
+// or not, depending on where malloc put them.
 struct Scratch {
-  std::vector<float> q, acc, scores, kbuf, vbuf;
-  std::vector<bf16_t> qb;  // bf16 query rows (AVX-512 path)
+  AlignedVector<float> q, acc, scores, kbuf, vbuf;
+  AlignedVector<bf16_t> qb;  // bf16 query rows (AVX-512 path)
   std::vector<SoftmaxStats> stats;
   std::vector<int64_t> lo, hi;
   std::vector<int64_t> koff, voff;  // token offsets (head 0) of a tile, the next one and the one after (TileOffsets)
   // AVX-512 path: rows on lanes (visible ranges, running max / sum, rescale factors)
-  std::vector<int32_t> lo32, hi32;
-  std::vector<float> m, l, alpha;
-  std::vector<uint32_t> pairs;    // bf16 probabilities of a tile in token pairs (bf16 caches)
+  AlignedVector<int32_t> lo32, hi32;
+  AlignedVector<float> m, l, alpha;
+  AlignedVector<uint32_t> pairs;  // bf16 probabilities of a tile in token pairs (bf16 caches)
   std::vector<int64_t> row_koff;  // offset of each row's kv head in the key cache
   // Sizes the buffers for `rows` query rows (rounded up to whole 16-lane vectors) of `dp` padded
   // dims; keeps their memory across calls.
