@@ -8,7 +8,9 @@
 // reads the set least recently read. (A: set i, B: set i + sets / 2 had A read, with 3 sets, the
 // set B read just before it, partly from L3: A looked up to 10% faster.) SETS must be odd: with an
 // even count A would only ever read the even sets and B the odd ones (with 2 sets in L3, identical
-// builds measured B 8% faster).
+// builds measured B 8% faster). A goes first in even pairs of calls, B in odd ones: the second
+// call of a pair ran 5-7% faster, whichever build it was (identical builds, one thread, 192
+// tokens, cache in L3), so a fixed order credited B with that.
 //
 // Usage: decode_ab LENGTH THREADS SETS REPS   (32 q heads / 8 kv heads, head dim 128; SETS odd)
 // Environment: PAGE=n page size of the paged runs (default 16); BATCH=n sequences of LENGTH
@@ -80,7 +82,8 @@ void run(int L, int threads, int nsets, bool paged, int reps, double* gbps) {
   std::vector<int32_t> lens(B, L);
   std::vector<double> ts[2];
   for (int r = 0; r < 2 * reps; ++r) {
-    const int which = r % 2, set = r % nsets;
+    // A, B in even pairs of calls, B, A in odd ones (see the top)
+    const int which = (r % 2) ^ (r / 2 % 2), set = r % nsets;
     DecodeParams p;
     p.q = q.data();
     p.q_stride[0] = p.q_stride[1] = kHeadsQ * kHeadDim, p.q_stride[2] = kHeadDim;
