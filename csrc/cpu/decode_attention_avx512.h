@@ -155,9 +155,12 @@ void tile_softmax(const DecodeParams& p, Scratch& sc, const RowLayout& rl, int64
 template <class T, int NT>
 void pv_quad(const DecodeParams& p, Scratch& sc, const RowLayout& rl, const float* pt, const int64_t* voff,
              TilePrefetcher& pf) {
-  const int64_t D = p.head_dim, vs2 = p.v_stride[2];
+  const int64_t D = p.head_dim, vs2 = p.v_stride[2], R = rl.R, H = p.heads_kv;
   const T* v = static_cast<const T*>(p.v);
-  for (int64_t h = 0; h < p.heads_kv; ++h) {
+  float* const acc_rows = sc.acc.data();
+  const float* ptt[NT];  // P^T row of each token
+  for (int t = 0; t < NT; ++t) ptt[t] = pt + t * rl.NRP;
+  for (int64_t h = 0; h < H; ++h) {
     const T* vp[NT];
     for (int t = 0; t < NT; ++t) vp[t] = v + h * vs2 + voff[t];
     auto slab = [&](int64_t d0, auto cw) {
@@ -165,13 +168,13 @@ void pv_quad(const DecodeParams& p, Scratch& sc, const RowLayout& rl, const floa
       __m512 x[NT][C];
       for (int t = 0; t < NT; ++t)
         for (int c = 0; c < C; ++c) x[t][c] = VecF::load(vp[t] + d0 + 16 * c).v;
-      for (int64_t rr = h * rl.R; rr < (h + 1) * rl.R; ++rr) {
+      float* acc = acc_rows + h * R * D + d0;
+      for (int64_t rr = h * R; rr < (h + 1) * R; ++rr, acc += D) {
         pf.step();
-        float* acc = sc.acc.data() + rr * D + d0;
         __m512 a[C];
         for (int c = 0; c < C; ++c) a[c] = _mm512_loadu_ps(acc + 16 * c);
         for (int t = 0; t < NT; ++t) {
-          const __m512 w = _mm512_set1_ps(pt[t * rl.NRP + rr]);
+          const __m512 w = _mm512_set1_ps(ptt[t][rr]);
           for (int c = 0; c < C; ++c) a[c] = _mm512_fmadd_ps(w, x[t][c], a[c]);
         }
         for (int c = 0; c < C; ++c) _mm512_storeu_ps(acc + 16 * c, a[c]);
