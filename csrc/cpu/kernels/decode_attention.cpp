@@ -512,7 +512,7 @@ void decode_attention(const DecodeParams& params, int num_threads) {
   DecodeParams p = params;
   if (p.num_splits == 0) p.num_splits = choose_num_splits(p, num_threads);
   // split-KV partials: fp32 scratch owned by this call unless the caller passed a workspace
-  std::vector<float> partial_out, partial_lse;
+  AlignedVector<float> partial_out, partial_lse;
   if (p.num_splits > 1 && !p.partial_out) {
     const int64_t rows = p.batch * p.seqlen_q * p.heads_q;
     partial_out.resize(size_t(p.num_splits * rows * p.head_dim));
