@@ -199,9 +199,12 @@ template <int NT>
 void pv_pass_bf16(const DecodeParams& p, Scratch& sc, const RowLayout& rl, const uint32_t* pp, const int64_t* voff,
                   TilePrefetcher& pf) {
   constexpr int NP = (NT + 1) / 2;
-  const int64_t D = p.head_dim, vs2 = p.v_stride[2];
+  const int64_t D = p.head_dim, vs2 = p.v_stride[2], R = rl.R, H = p.heads_kv;
   const bf16_t* v = static_cast<const bf16_t*>(p.v);
-  for (int64_t h = 0; h < p.heads_kv; ++h) {
+  float* const acc_rows = sc.acc.data();
+  const uint32_t* ppj[NP];  // probability pairs j of every row
+  for (int j = 0; j < NP; ++j) ppj[j] = pp + j * rl.NRP;
+  for (int64_t h = 0; h < H; ++h) {
     const bf16_t* vp[NT];
     for (int t = 0; t < NT; ++t) vp[t] = v + h * vs2 + voff[t];
     auto slab = [&](int64_t d0, auto cw) {
@@ -213,13 +216,13 @@ void pv_pass_bf16(const DecodeParams& p, Scratch& sc, const RowLayout& rl, const
           const __m512i v1 = 2 * j + 1 < NT ? _mm512_loadu_si512(vp[2 * j + 1] + d0 + 32 * c) : _mm512_setzero_si512();
           x[j][2 * c] = _mm512_unpacklo_epi16(v0, v1), x[j][2 * c + 1] = _mm512_unpackhi_epi16(v0, v1);
         }
-      for (int64_t rr = h * rl.R; rr < (h + 1) * rl.R; ++rr) {
+      float* acc = acc_rows + h * R * D + d0;
+      for (int64_t rr = h * R; rr < (h + 1) * R; ++rr, acc += D) {
         pf.step();
-        float* acc = sc.acc.data() + rr * D + d0;
         __m512 a[2 * C];
         for (int c = 0; c < 2 * C; ++c) a[c] = _mm512_loadu_ps(acc + 16 * c);
         for (int j = 0; j < NP; ++j) {
-          const __m512bh w = (__m512bh)_mm512_set1_epi32(int(pp[j * rl.NRP + rr]));
+          const __m512bh w = (__m512bh)_mm512_set1_epi32(int(ppj[j][rr]));
           for (int c = 0; c < 2 * C; ++c) a[c] = _mm512_dpbf16_ps(a[c], w, (__m512bh)x[j][c]);
         }
         for (int c = 0; c < 2 * C; ++c) _mm512_storeu_ps(acc + 16 * c, a[c]);
