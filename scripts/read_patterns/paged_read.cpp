@@ -4,8 +4,10 @@
 //
 // Two threads each stream half of the tokens in tiles of 32: the tile's K rows, then its V rows,
 // while prefetching the next tile's rows (PREFETCHT0, one line per line read, in token order), as
-// the kernel does. Paged: 16-token pages in a randomly permuted pool. Calls alternate between the
-// two layouts over a rotation of input sets; prints the median GB/s of each and their time ratio.
+// the kernel does. Paged: 16-token pages in a randomly permuted pool. A third pass sums the same
+// bytes in address order with the hardware prefetchers alone, as torch.sum reads them (the
+// benchmark's reference). Calls rotate over the three and over the input sets; prints the median
+// GB/s of each and the paged / contiguous time ratio.
 //
 //   g++ -O2 -march=native -fopenmp scripts/read_patterns/paged_read.cpp -o /tmp/paged_read
 //   /tmp/paged_read ROW_BYTES TOKENS SETS REPS [FMAS]
@@ -44,12 +46,12 @@ int main(int argc, char** argv) {
   std::vector<size_t> contiguous(tokens / kPage), shuffled(tokens / kPage);
   for (size_t i = 0; i < contiguous.size(); ++i) contiguous[i] = shuffled[i] = i;
   std::shuffle(shuffled.begin(), shuffled.end(), std::mt19937(1));
-  std::vector<double> secs[2];
+  std::vector<double> secs[3];  // contiguous, paged, plain sum
   float sink = 0.f;
   for (int r = 0; r < reps; ++r)
-    for (int layout = 0; layout < 2; ++layout) {
-      const std::vector<size_t>& table = layout ? shuffled : contiguous;
-      const int s = (2 * r + layout) % sets;
+    for (int layout = 0; layout < 3; ++layout) {
+      const std::vector<size_t>& table = layout == 1 ? shuffled : contiguous;
+      const int s = (3 * r + layout) % sets;
       const auto t0 = std::chrono::steady_clock::now();
 #pragma omp parallel num_threads(2) reduction(+ : sink)
       {
@@ -58,7 +60,14 @@ int main(int argc, char** argv) {
         __m512 acc[8];
         for (auto& a : acc) a = _mm512_setzero_ps();
         auto at = [&](char* base, size_t t) { return base + (table[t / kPage] * kPage + t % kPage) * row; };
-        for (size_t t = lo; t < hi; t += kTile)
+        if (layout == 2) {  // plain sum: this thread's half of K, then of V
+          for (char* base : {K[s], V[s]})
+            for (size_t off = lo * row; off < hi * row; off += 64) {
+              __m512& a = acc[(off / 64) & 7];
+              a = _mm512_add_ps(a, _mm512_load_ps(reinterpret_cast<const float*>(base + off)));
+            }
+        }
+        for (size_t t = lo; t < hi && layout < 2; t += kTile)
           for (char* base : {K[s], V[s]}) {
             const bool next = t + kTile < hi;
             size_t pt = 0, pl = 0;  // next tile's prefetch cursor: token, byte in row
@@ -81,8 +90,8 @@ int main(int argc, char** argv) {
       secs[layout].push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
     }
   for (auto& v : secs) std::sort(v.begin(), v.end());
-  const double c = secs[0][reps / 2], p = secs[1][reps / 2], bytes = 2.0 * double(tokens * row);
-  std::printf("row %zu B, %zu tokens, %d FMAs/line: contiguous %.1f GB/s, paged (16-token pages, shuffled) %.1f GB/s, paged/contiguous time %.3f\n",
-              row, tokens, fmas, bytes / c / 1e9, bytes / p / 1e9, p / c);
+  const double c = secs[0][reps / 2], p = secs[1][reps / 2], sum = secs[2][reps / 2], bytes = 2.0 * double(tokens * row);
+  std::printf("row %zu B, %zu tokens, %d FMAs/line: contiguous %.1f GB/s, paged (16-token pages, shuffled) %.1f GB/s, plain sum %.1f GB/s; paged/contiguous time %.3f\n",
+              row, tokens, fmas, bytes / c / 1e9, bytes / p / 1e9, bytes / sum / 1e9, p / c);
   return sink == 12345.f;  // keeps the loads
 }
