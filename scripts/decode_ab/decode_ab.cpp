@@ -7,12 +7,11 @@
 // A and B take turns on one rotation of the input sets (call c reads set c % sets), so every call
 // reads the set least recently read. (A: set i, B: set i + sets / 2 had A read, with 3 sets, the
 // set B read just before it, partly from L3: A looked up to 10% faster.) SETS must be odd: with an
-// even count A would only ever read the even sets and B the odd ones (with 2 sets in L3, identical
-// builds measured B 8% faster). A goes first in even pairs of calls, B in odd ones, so that neither
-// always runs second. (Identical builds once measured B 5-9% faster in either order: each build
-// has its own per-thread scratch, and before the scratch was cache-line aligned one build's
-// accumulators could straddle cache lines and the other's not. Check a new comparison against
-// an A = B run.)
+// even count A would only ever read the even sets and B the odd ones. A goes first in even pairs
+// of calls, B in odd ones, so that neither always runs second. (Identical builds once measured B
+// 5-9% faster whatever the set count and order: each build has its own per-thread scratch, and
+// before the scratch was cache-line aligned one build's accumulators could straddle cache lines
+// and the other's not. Check a new comparison against an A = B run, and in both orders.)
 //
 // Usage: decode_ab LENGTH THREADS SETS REPS   (32 q heads / 8 kv heads, head dim 128; SETS odd)
 // Environment: PAGE=n page size of the paged runs (default 16); BATCH=n sequences of LENGTH
