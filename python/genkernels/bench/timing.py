@@ -18,7 +18,7 @@ import torch
 MIN_BATCH_S = 2e-3
 # Untimed calls of a fn before each of its timed batches, lasting about this long: a batch that
 # follows a compute-heavy one starts slow on this host (the decode kernel's first call after
-# PyTorch's folded SDPA +13%, the next three +4-7%), which biased same-loop ratios against
+# PyTorch's folded SDPA +13%, the next three +3-7%), which biased same-loop ratios against
 # whichever fn the interleaving put after the baseline (a paged decode measured 1.08-1.10x its
 # contiguous companion, 1.01-1.03x in orders where neither followed the baseline). Fns whose
 # calls take 10x longer get none: the effect is under 1% of one call.
