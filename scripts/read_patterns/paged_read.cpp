@@ -66,25 +66,26 @@ int main(int argc, char** argv) {
               __m512& a = acc[(off / 64) & 7];
               a = _mm512_add_ps(a, _mm512_load_ps(reinterpret_cast<const float*>(base + off)));
             }
-        }
-        for (size_t t = lo; t < hi && layout < 2; t += kTile)
-          for (char* base : {K[s], V[s]}) {
-            const bool next = t + kTile < hi;
-            size_t pt = 0, pl = 0;  // next tile's prefetch cursor: token, byte in row
-            for (size_t i = 0; i < kTile; ++i) {
-              const char* p = at(base, t + i);
-              for (size_t l = 0; l < row; l += 64) {
-                if (next && pt < kTile) {
-                  _mm_prefetch(at(base, t + kTile + pt) + pl, _MM_HINT_T0);
-                  if ((pl += 64) == row) pl = 0, ++pt;
+        } else {  // the kernel's pattern, contiguous or paged
+          for (size_t t = lo; t < hi; t += kTile)
+            for (char* base : {K[s], V[s]}) {
+              const bool next = t + kTile < hi;
+              size_t pt = 0, pl = 0;  // next tile's prefetch cursor: token, byte in row
+              for (size_t i = 0; i < kTile; ++i) {
+                const char* p = at(base, t + i);
+                for (size_t l = 0; l < row; l += 64) {
+                  if (next && pt < kTile) {
+                    _mm_prefetch(at(base, t + kTile + pt) + pl, _MM_HINT_T0);
+                    if ((pl += 64) == row) pl = 0, ++pt;
+                  }
+                  const __m512 x = _mm512_load_ps(reinterpret_cast<const float*>(p + l));
+                  __m512& a = acc[(l / 64) & 7];
+                  a = _mm512_add_ps(a, x);
+                  for (int f = 0; f < fmas; ++f) a = _mm512_fmadd_ps(x, w, a);
                 }
-                const __m512 x = _mm512_load_ps(reinterpret_cast<const float*>(p + l));
-                __m512& a = acc[(l / 64) & 7];
-                a = _mm512_add_ps(a, x);
-                for (int f = 0; f < fmas; ++f) a = _mm512_fmadd_ps(x, w, a);
               }
             }
-          }
+        }
         for (auto& a : acc) sink += _mm512_reduce_add_ps(a);
       }
       secs[layout].push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
