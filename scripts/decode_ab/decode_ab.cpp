@@ -18,6 +18,9 @@
 // tokens each (default 1); SPLITS=n split-KV count (default 0: the kernel's heuristic);
 // HUGE_B=1: B reads its own copy of every set, on transparent huge pages (MADV_HUGEPAGE), A the
 // usual 4 KiB pages (with the same build as A and B, this measures what huge pages give).
+// SUM=1: after every pair of calls, a plain sum of one set's K and V (THREADS threads, each its
+// share in address order, hardware prefetch only, as torch.sum reads them: the benchmark's
+// reference) joins the rotation, and each build's rate is also printed as a % of the sum's.
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
@@ -27,6 +30,8 @@
 #include <random>
 #include <vector>
 
+#include <immintrin.h>
+#include <omp.h>
 #include <sys/mman.h>
 
 #include "core/numeric.h"
@@ -57,7 +62,25 @@ struct Buffer {
   T* data() { return ptr.get(); }
 };
 
-// Median GB/s (K and V read once) of A and B over `reps` alternating calls each.
+// Sum of n bytes (a multiple of 64 * threads) in address order, `threads` threads each summing its
+// contiguous share as floats.
+float plain_sum(const void* data, size_t n, int threads) {
+  float total = 0.f;
+#pragma omp parallel num_threads(threads) reduction(+ : total)
+  {
+    const size_t share = n / 64 / size_t(threads) * 64, lo = share * size_t(omp_get_thread_num());
+    const char* base = static_cast<const char*>(data);
+    __m512 acc[8];
+    for (auto& a : acc) a = _mm512_setzero_ps();
+    for (size_t off = lo; off < lo + share; off += 64)
+      acc[(off / 64) & 7] = _mm512_add_ps(acc[(off / 64) & 7], _mm512_load_ps(reinterpret_cast<const float*>(base + off)));
+    for (auto& a : acc) total += _mm512_reduce_add_ps(a);
+  }
+  return total;
+}
+
+// Median GB/s (K and V read once) of A and B over `reps` alternating calls each, and of the
+// plain sum (gbps[2], 0 without SUM).
 template <class T>
 void run(int L, int threads, int nsets, bool paged, int reps, double* gbps) {
   const int P = std::getenv("PAGE") ? std::atoi(std::getenv("PAGE")) : 16;
@@ -81,10 +104,13 @@ void run(int L, int threads, int nsets, bool paged, int reps, double* gbps) {
   std::shuffle(table.begin(), table.end(), std::mt19937(1));
   std::vector<T> q(size_t(B) * kHeadsQ * kHeadDim, gk::from_float<T>(0.05f)), out(q.size());
   std::vector<int32_t> lens(B, L);
-  std::vector<double> ts[2];
+  const bool with_sum = std::getenv("SUM") && std::atoi(std::getenv("SUM"));
+  std::vector<double> ts[3];
+  float sink = 0.f;
+  int call = 0;  // the rotation over the sets
   for (int r = 0; r < 2 * reps; ++r) {
     // A, B in even pairs of calls, B, A in odd ones (see the top)
-    const int which = (r % 2) ^ (r / 2 % 2), set = r % nsets;
+    const int which = (r % 2) ^ (r / 2 % 2), set = call++ % nsets;
     DecodeParams p;
     p.q = q.data();
     p.q_stride[0] = p.q_stride[1] = kHeadsQ * kHeadDim, p.q_stride[2] = kHeadDim;
@@ -105,11 +131,18 @@ void run(int L, int threads, int nsets, bool paged, int reps, double* gbps) {
     if (which) gk::cpu::vb::decode_attention<T>(p, threads);
     else gk::cpu::va::decode_attention<T>(p, threads);
     ts[which].push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count());
+    if (with_sum && r % 2) {
+      const int s = call++ % nsets;
+      const auto t1 = std::chrono::steady_clock::now();
+      sink += plain_sum(K[s].data(), n * sizeof(T), threads) + plain_sum(V[s].data(), n * sizeof(T), threads);
+      ts[2].push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t1).count());
+    }
   }
-  for (int i = 0; i < 2; ++i) {
+  for (int i = 0; i < 3; ++i) {
     std::sort(ts[i].begin(), ts[i].end());
-    gbps[i] = 2.0 * double(n) * sizeof(T) / ts[i][ts[i].size() / 2] / 1e9;
+    gbps[i] = ts[i].empty() ? 0.0 : 2.0 * double(n) * sizeof(T) / ts[i][ts[i].size() / 2] / 1e9;
   }
+  if (sink == 12345.f) std::puts("");  // keeps the sums
 }
 
 }  // namespace
@@ -127,11 +160,16 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "LENGTH, THREADS, REPS, BATCH must be >= 1, SETS odd and >= 3, PAGE a power of two dividing LENGTH\n");
     return 2;
   }
-  double r[4][2];
+  double r[4][3];
   run<float>(L, threads, sets, false, reps, r[0]);
   run<float>(L, threads, sets, true, reps, r[1]);
   run<bf16_t>(L, threads, sets, false, reps, r[2]);
   run<bf16_t>(L, threads, sets, true, reps, r[3]);
   std::printf("batch=%d L=%d threads=%d sets=%d  GB/s A/B: fp32 %.1f/%.1f  fp32 paged %.1f/%.1f  bf16 %.1f/%.1f  bf16 paged %.1f/%.1f\n",
               batch, L, threads, sets, r[0][0], r[0][1], r[1][0], r[1][1], r[2][0], r[2][1], r[3][0], r[3][1]);
+  if (r[0][2] > 0)
+    std::printf("  plain sum GB/s: fp32 %.1f  fp32 (paged run) %.1f  bf16 %.1f  bf16 (paged run) %.1f;  %% of sum A/B: fp32 %.0f/%.0f  fp32 paged %.0f/%.0f  bf16 %.0f/%.0f  bf16 paged %.0f/%.0f\n",
+                r[0][2], r[1][2], r[2][2], r[3][2], 100 * r[0][0] / r[0][2], 100 * r[0][1] / r[0][2], 100 * r[1][0] / r[1][2],
+                100 * r[1][1] / r[1][2], 100 * r[2][0] / r[2][2], 100 * r[2][1] / r[2][2], 100 * r[3][0] / r[3][2],
+                100 * r[3][1] / r[3][2]);
 }
