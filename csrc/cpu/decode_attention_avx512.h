@@ -6,14 +6,19 @@
 //    head, four ascending runs at once. (The first version walked one head over 16 tokens, then
 //    the next head: sixteen 256-512-byte runs a page apart at a time. A plain sum over that order
 //    reads ~40% slower than over memory order on this machine's EPYC.)
-//  - Prefetch. While a tile computes, the next tile's keys and values are prefetched
-//    (PREFETCHT0) a few lines per inner-loop step, spread evenly over the tile's work, in memory
-//    order; paged caches included, since the page table is looked up a tile ahead. Bursts of a
-//    whole row did not help; spread prefetches raised cold-cache throughput by 1.2x (fp32) to
-//    1.6x (bf16, paged) on this machine, and T0 measured 3-10% above T1 (L2 only), most for
-//    paged caches (paged / contiguous 0.93-0.96 against 0.88-0.89 at 16k tokens), whose next
-//    page the hardware prefetchers cannot guess. The tile after next gets one prefetch per token
-//    row to take its TLB misses early (warm_translations).
+//  - Prefetch. While a tile computes, the keys and values of the tokens `ahead` past the ones
+//    being read (the rest of the tile, then the first of the next) are prefetched (PREFETCHT0)
+//    a few lines per inner-loop step, spread evenly over the tile's work, in memory order; paged
+//    caches included, since the page table is looked up a tile ahead. `ahead` is about 16 KiB of
+//    token rows (32 KiB for paged 16-bit caches) and at least one P.V pass (prefetch_ahead): with
+//    8 kv heads x 128 dims, 4 tokens of fp32 and 8 of bf16 (16 paged). Near enough that the rows
+//    are still in L1 when read, where a whole tile ahead (the first version) had pushed them out
+//    to L2 by then: interleaved, both orders, one thread with the cache in L3, fp32 +10-13% and
+//    bf16 +7-9%; from DRAM at two threads fp32 +4-15%, paged fp32 +0-6%, bf16 +0-3%. 8 KiB
+//    ahead was 13-20% slower from DRAM, 32 KiB lost the L1 gain. Bursts of a whole row did not
+//    help; spread prefetches raised cold-cache throughput by 1.2x (fp32) to 1.6x (bf16, paged)
+//    on this machine, and T0 measured 3-10% above T1 (L2 only). The tile after next gets one
+//    prefetch per token row to take its TLB misses early (warm_translations).
 //  - Scores. Query rows sit on SIMD lanes (S^T: token x row, as in the flash kernel): a 4-token
 //    x 4-row block of dot products accumulates in 16 registers and one transpose reduction
 //    turns it into 16 scores. Rows are flattened over (kv head, seqlen_q, group); when a head
@@ -260,6 +265,14 @@ inline void unpermute_bf16_acc(const DecodeParams& p, Scratch& sc, const RowLayo
     }
 }
 
+// Prefetch distance in tokens of `token_bytes` each (all kv heads) for P.V passes of `pass`
+// tokens: about `bytes`, a whole number of passes (a pass reads its tokens' values together, so
+// a prefetch closer than a pass would come after the load), at most a tile.
+inline int prefetch_ahead(int64_t bytes, int64_t token_bytes, int pass) {
+  const int64_t passes = (bytes + token_bytes * pass - 1) / (token_bytes * pass);
+  return int(std::min<int64_t>(passes * pass, kTileA));
+}
+
 // The work item (b, split) for head dims that are multiples of 32. Rows come initialised by
 // init_rows (q, zero accumulators, visible ranges; bf16 q for bf16 caches); leaves each row's
 // accumulator and SoftmaxStats in `sc` for the caller's finish step.
@@ -280,7 +293,11 @@ void decode_work_item_avx512(const DecodeParams& p, Scratch& sc, int64_t b, cons
   }
   const bool shared = rl.R % 4 == 0;  // every block of 4 rows belongs to one kv head
   const int64_t H = p.heads_kv, esize = sizeof(T);
-  constexpr int64_t kStep = std::is_same_v<T, bf16_t> ? 32 : 16;  // tile_scores' head dims per step
+  constexpr bool kBF16 = std::is_same_v<T, bf16_t>;
+  constexpr int64_t kStep = kBF16 ? 32 : 16;  // tile_scores' head dims per step
+  // 16 KiB ahead; 32 KiB for paged 16-bit caches (bf16 paged +2-6% over 16 KiB, interleaved
+  // both ways; fp32 paged at 32 KiB lost 4-7%)
+  const int ahead = prefetch_ahead((p.paged() && esize == 2 ? 32 : 16) << 10, H * D * esize, kBF16 ? 8 : 4);
   TileOffsets offs(p, sc, b, split_keys, kTileA);
   float* st = sc.scores.data();
   for (int64_t t0 = split_keys.lo; t0 < split_keys.hi; t0 += kTileA) {
@@ -289,15 +306,17 @@ void decode_work_item_avx512(const DecodeParams& p, Scratch& sc, int64_t b, cons
     const int nk = tile_tokens(split_keys, t0, kTileA);
     for (int j = nk; j < (nk + 3) / 4 * 4; ++j) koff[j] = koff[0], voff[j] = voff[0];  // quad padding: token t0
     offs.warm_after_next(t0, esize);
-    // the next tile's rows, prefetched during this tile's K and V loops
-    const int nn = tile_tokens(split_keys, t0 + kTileA, kTileA);
-    const int64_t* knext = offs.k[1];
-    const int64_t* vnext = offs.v[1];
+    // the rows prefetched during this tile's K and V loops: tokens [t0 + ahead, t0 + ahead + kTileA)
+    int64_t kpre[kTileA], vpre[kTileA];
+    int npre = 0;
+    for (int j = ahead; j < nk; ++j) kpre[npre] = koff[j], vpre[npre++] = voff[j];
+    for (int j = 0, nn = tile_tokens(split_keys, t0 + kTileA, kTileA); j < ahead && j < nn; ++j)
+      kpre[npre] = offs.k[1][j], vpre[npre++] = offs.v[1][j];
     const int64_t quads = (nk + 3) / 4, row_bytes = D * esize, slabs = (D + 63) / 64;
-    TilePrefetcher kpf(p.k, esize, knext, nn, H, p.k_stride[2], row_bytes, quads * (rl.NR4 / 4) * (D / kStep));
+    TilePrefetcher kpf(p.k, esize, kpre, npre, H, p.k_stride[2], row_bytes, quads * (rl.NR4 / 4) * (D / kStep));
     // P.V passes: bf16 takes the tile 8 tokens at a time, then a quad and a tail
-    const int64_t pv_passes = std::is_same_v<T, bf16_t> ? nk / 8 + (nk % 8) / 4 + (nk % 4 != 0) : quads;
-    TilePrefetcher vpf(p.v, esize, vnext, nn, H, p.v_stride[2], row_bytes, pv_passes * rl.NR * slabs);
+    const int64_t pv_passes = kBF16 ? nk / 8 + (nk % 8) / 4 + (nk % 4 != 0) : quads;
+    TilePrefetcher vpf(p.v, esize, vpre, npre, H, p.v_stride[2], row_bytes, pv_passes * rl.NR * slabs);
     if (shared) tile_scores<T, true>(p, sc, rl, nk, koff, st, kpf);
     else tile_scores<T, false>(p, sc, rl, nk, koff, st, kpf);
     tile_softmax(p, sc, rl, b, t0, nk, lo_max > t0 || hi_min < t0 + nk, st);
@@ -308,14 +327,14 @@ void decode_work_item_avx512(const DecodeParams& p, Scratch& sc, int64_t b, cons
       for (int64_t d = 0; d < D; d += 16) _mm512_storeu_ps(acc + d, _mm512_mul_ps(_mm512_loadu_ps(acc + d), _mm512_set1_ps(a)));
     }
     uint32_t* pp = sc.pairs.data();
-    if constexpr (std::is_same_v<T, bf16_t>) pair_probabilities(rl, st, nk, pp);
+    if constexpr (kBF16) pair_probabilities(rl, st, nk, pp);
     auto pv = [&](auto nt, int i) {  // P.V for the NT tokens [i, i + NT)
       constexpr int NT = decltype(nt)::value;
-      if constexpr (std::is_same_v<T, bf16_t>) pv_pass_bf16<NT>(p, sc, rl, pp + i / 2 * rl.NRP, voff + i, vpf);
+      if constexpr (kBF16) pv_pass_bf16<NT>(p, sc, rl, pp + i / 2 * rl.NRP, voff + i, vpf);
       else pv_quad<T, NT>(p, sc, rl, st + i * rl.NRP, voff + i, vpf);
     };
     int i0 = 0;
-    if constexpr (std::is_same_v<T, bf16_t>)
+    if constexpr (kBF16)
       for (; i0 + 8 <= nk; i0 += 8) pv(std::integral_constant<int, 8>{}, i0);
     for (; i0 + 4 <= nk; i0 += 4) pv(std::integral_constant<int, 4>{}, i0);
     switch (nk - i0) {
@@ -326,7 +345,7 @@ void decode_work_item_avx512(const DecodeParams& p, Scratch& sc, int64_t b, cons
     }
     offs.step();
   }
-  if constexpr (std::is_same_v<T, bf16_t>) unpermute_bf16_acc(p, sc, rl);
+  if constexpr (kBF16) unpermute_bf16_acc(p, sc, rl);
   for (int64_t rr = 0; rr < rl.NR; ++rr) sc.stats[rr] = SoftmaxStats{sc.m[rr], sc.l[rr]};
 }
 

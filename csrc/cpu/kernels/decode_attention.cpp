@@ -113,7 +113,7 @@ Scratch& thread_scratch(int64_t rows, int64_t dp) {
   return sc;
 }
 
-// Prefetches the (token, kv head) rows of one tile, `per_step` cache lines per call of
+// Prefetches the (token, kv head) rows of a list of tokens, `per_step` cache lines per call of
 // step(), in memory order (token by token, heads in order), so that the prefetches spread
 // evenly over the loop that calls it. When the heads of a token are adjacent (the usual layout)
 // a token's heads are one run. A pointer walks the current row; the next row's address is
@@ -305,8 +305,9 @@ inline void lookup_offsets(const DecodeParams& p, int64_t b, int64_t t, int64_t 
 inline int tile_tokens(KeyRange keys, int64_t t, int tile) { return int(std::clamp<int64_t>(keys.hi - t, 0, tile)); }
 
 // Token offsets (elements, head 0) of a split's tiles of `tile` keys, each token looked up once
-// and shared by every head: the current tile's (k[0], v[0]), the next one's (prefetched during
-// the current one) and the one after's (its TLB misses taken early by warm_translations).
+// and shared by every head: the current tile's (k[0], v[0]), the next one's (the generic work
+// item prefetches it during the current one, the AVX-512 one its first tokens) and the one
+// after's (its TLB misses taken early by warm_translations).
 // Buffers of kTileA entries in the scratch; step() moves them on by one tile.
 struct TileOffsets {
   const DecodeParams& p;
