@@ -15,10 +15,11 @@
 //    are still in L1 when read, where a whole tile ahead (the first version) had pushed them out
 //    to L2 by then: interleaved, both orders, one thread with the cache in L3, fp32 +10-13% and
 //    bf16 +7-9%; from DRAM at two threads fp32 +4-15%, paged fp32 +0-6%, bf16 +0-3%. 8 KiB
-//    ahead was 13-20% slower from DRAM, 32 KiB lost the L1 gain. Bursts of a whole row did not
-//    help; spread prefetches raised cold-cache throughput by 1.2x (fp32) to 1.6x (bf16, paged)
-//    on this machine, and T0 measured 3-10% above T1 (L2 only). The tile after next gets one
-//    prefetch per token row to take its TLB misses early (warm_translations).
+//    ahead was 13-20% slower from DRAM, 32 KiB lost the L1 gain. Paged fp32 caches also prefetch
+//    the next tile into L2 (LoopPrefetcher). Bursts of a whole row did not help; spread
+//    prefetches raised cold-cache throughput by 1.2x (fp32) to 1.6x (bf16, paged) on this
+//    machine, and T0 measured 3-10% above T1 (L2 only). The tile after next gets one prefetch
+//    per token row to take its TLB misses early (warm_translations).
 //  - Scores. Query rows sit on SIMD lanes (S^T: token x row, as in the flash kernel): a 4-token
 //    x 4-row block of dot products accumulates in 16 registers and one transpose reduction
 //    turns it into 16 scores. Rows are flattened over (kv head, seqlen_q, group); when a head
@@ -49,6 +50,24 @@ inline __m512 transpose_reduce16(__m512 (&a)[16]) {
   return _mm512_add_ps(_mm512_unpacklo_ps(d[0], d[1]), _mm512_unpackhi_ps(d[0], d[1]));
 }
 
+// Paged fp32 caches read from DRAM (far_tiles): the loops prefetch the rows they read next
+// (PREFETCHT0, as for every cache) and the next tile's rows into L2 (PREFETCHT1). With the near
+// stream alone a new page's first rows come from DRAM late, while the hardware prefetchers run
+// ahead of contiguous caches. (Interleaved, both orders, two threads from DRAM: paged fp32
+// +3-10% net of the A = B drift of the contiguous runs. With the cache in L3 the second stream's
+// instructions cost 35%, hence far_tiles. bf16 paged measured -6..+6% and prefetches 32 KiB
+// ahead instead. Only the first 16 or 64 lines of each page of the next tile: +0-4%.) The
+// loops take the prefetcher type as a template argument, so that the other caches do not pay a
+// second stream's per-step check (3-10% with the cache in L3).
+struct NearFarPrefetcher {
+  TilePrefetcher near;
+  RowPrefetcher<2> far;
+  GK_INLINE void step() {
+    near.step();
+    far.step();
+  }
+};
+
 // Row layout of a work item: NR = heads_kv * R real rows (row rr = kvh * R + r), computed in
 // blocks of 4 (NR4) and laid out on NRP = NR rounded up to 16 lanes. Padding rows have a zero
 // query and are never written out.
@@ -61,9 +80,9 @@ struct RowLayout {
 
 // S^T[i][rr] = q_rr . k(token i) for the nk tokens of the tile and every row; koff holds the
 // tokens' element offsets (head 0), padded to a whole quad with valid offsets.
-template <class T, bool kShared>
+template <class T, bool kShared, class PF>
 void tile_scores(const DecodeParams& p, const Scratch& sc, const RowLayout& rl, int nk, const int64_t* koff, float* st,
-                 TilePrefetcher& pf) {
+                 PF& pf) {
   const int64_t D = p.head_dim;
   constexpr bool kBF16 = std::is_same_v<T, bf16_t>;
   constexpr int kStep = kBF16 ? 32 : 16;  // head dims per accumulation step
@@ -157,9 +176,8 @@ void tile_softmax(const DecodeParams& p, Scratch& sc, const RowLayout& rl, int64
 // acc[rr] += sum_t P^T[t][rr] * v(token t) for the NT (1-4) tokens of a quad, every row; the
 // value slab of one kv head (NT tokens x 64 dims, 32 at the tail) stays in registers while the
 // head's rows update their accumulators.
-template <class T, int NT>
-void pv_quad(const DecodeParams& p, Scratch& sc, const RowLayout& rl, const float* pt, const int64_t* voff,
-             TilePrefetcher& pf) {
+template <class T, int NT, class PF>
+void pv_quad(const DecodeParams& p, Scratch& sc, const RowLayout& rl, const float* pt, const int64_t* voff, PF& pf) {
   const int64_t D = p.head_dim, vs2 = p.v_stride[2], R = rl.R, H = p.heads_kv;
   const T* v = static_cast<const T*>(p.v);
   float* const acc_rows = sc.acc.data();
@@ -200,9 +218,9 @@ void pv_quad(const DecodeParams& p, Scratch& sc, const RowLayout& rl, const floa
 // first 16 floats and {4-7, 12-15, 20-23, 28-31} in the next 16 (unpermute_bf16_acc restores the
 // order). Per pair of tokens and 32 dims: 2 shuffles and a dot product per row, where the fp32
 // form converts 4 vectors and issues 2 FMAs per row.
-template <int NT>
+template <int NT, class PF>
 void pv_pass_bf16(const DecodeParams& p, Scratch& sc, const RowLayout& rl, const uint32_t* pp, const int64_t* voff,
-                  TilePrefetcher& pf) {
+                  PF& pf) {
   constexpr int NP = (NT + 1) / 2;
   const int64_t D = p.head_dim, vs2 = p.v_stride[2], R = rl.R, H = p.heads_kv;
   const bf16_t* v = static_cast<const bf16_t*>(p.v);
@@ -276,7 +294,7 @@ inline int prefetch_ahead(int64_t bytes, int64_t token_bytes, int pass) {
 // The work item (b, split) for head dims that are multiples of 32. Rows come initialised by
 // init_rows (q, zero accumulators, visible ranges; bf16 q for bf16 caches); leaves each row's
 // accumulator and SoftmaxStats in `sc` for the caller's finish step.
-template <class T>
+template <class T, bool kFar>
 void decode_work_item_avx512(const DecodeParams& p, Scratch& sc, int64_t b, const KeyRange split_keys) {
   const RowLayout rl(p);
   const int64_t D = p.head_dim;
@@ -313,10 +331,17 @@ void decode_work_item_avx512(const DecodeParams& p, Scratch& sc, int64_t b, cons
     for (int j = 0, nn = tile_tokens(split_keys, t0 + kTileA, kTileA); j < ahead && j < nn; ++j)
       kpre[npre] = offs.k[1][j], vpre[npre++] = offs.v[1][j];
     const int64_t quads = (nk + 3) / 4, row_bytes = D * esize, slabs = (D + 63) / 64;
-    TilePrefetcher kpf(p.k, esize, kpre, npre, H, p.k_stride[2], row_bytes, quads * (rl.NR4 / 4) * (D / kStep));
+    const int64_t k_steps = quads * (rl.NR4 / 4) * (D / kStep);
     // P.V passes: bf16 takes the tile 8 tokens at a time, then a quad and a tail
-    const int64_t pv_passes = kBF16 ? nk / 8 + (nk % 8) / 4 + (nk % 4 != 0) : quads;
-    TilePrefetcher vpf(p.v, esize, vpre, npre, H, p.v_stride[2], row_bytes, pv_passes * rl.NR * slabs);
+    const int64_t pv_passes = kBF16 ? nk / 8 + (nk % 8) / 4 + (nk % 4 != 0) : quads, v_steps = pv_passes * rl.NR * slabs;
+    const TilePrefetcher knear(p.k, esize, kpre, npre, H, p.k_stride[2], row_bytes, k_steps);
+    const TilePrefetcher vnear(p.v, esize, vpre, npre, H, p.v_stride[2], row_bytes, v_steps);
+    std::conditional_t<kFar, NearFarPrefetcher, TilePrefetcher> kpf{knear}, vpf{vnear};
+    if constexpr (kFar) {
+      const int nn = tile_tokens(split_keys, t0 + kTileA, kTileA);
+      kpf.far = RowPrefetcher<2>(p.k, esize, offs.k[1], nn, H, p.k_stride[2], row_bytes, k_steps);
+      vpf.far = RowPrefetcher<2>(p.v, esize, offs.v[1], nn, H, p.v_stride[2], row_bytes, v_steps);
+    }
     if (shared) tile_scores<T, true>(p, sc, rl, nk, koff, st, kpf);
     else tile_scores<T, false>(p, sc, rl, nk, koff, st, kpf);
     tile_softmax(p, sc, rl, b, t0, nk, lo_max > t0 || hi_min < t0 + nk, st);
@@ -347,6 +372,13 @@ void decode_work_item_avx512(const DecodeParams& p, Scratch& sc, int64_t b, cons
   }
   if constexpr (kBF16) unpermute_bf16_acc(p, sc, rl);
   for (int64_t rr = 0; rr < rl.NR; ++rr) sc.stats[rr] = SoftmaxStats{sc.m[rr], sc.l[rr]};
+}
+
+template <class T>
+void decode_work_item_avx512(const DecodeParams& p, Scratch& sc, int64_t b, const KeyRange split_keys, bool far_tiles) {
+  if constexpr (sizeof(T) == 4)
+    if (far_tiles && p.paged()) return decode_work_item_avx512<T, true>(p, sc, b, split_keys);  // see NearFarPrefetcher
+  decode_work_item_avx512<T, false>(p, sc, b, split_keys);
 }
 
 #endif  // GK_SIMD_AVX512
