@@ -10,16 +10,16 @@
 //    being read (the rest of the tile, then the first of the next) are prefetched (PREFETCHT0)
 //    a few lines per inner-loop step, spread evenly over the tile's work, in memory order; paged
 //    caches included, since the page table is looked up a tile ahead. `ahead` is about 16 KiB of
-//    token rows (32 KiB for paged 16-bit caches) and at least one P.V pass (prefetch_ahead): with
-//    8 kv heads x 128 dims, 4 tokens of fp32 and 8 of bf16 (16 paged). Near enough that the rows
-//    are still in L1 when read, where a whole tile ahead (the first version) had pushed them out
-//    to L2 by then: interleaved, both orders, one thread with the cache in L3, fp32 +10-13% and
-//    bf16 +7-9%; from DRAM at two threads fp32 +4-15%, paged fp32 +0-6%, bf16 +0-3%. 8 KiB
-//    ahead was 13-20% slower from DRAM, 32 KiB lost the L1 gain. Paged fp32 caches also prefetch
-//    the next tile into L2 (LoopPrefetcher). Bursts of a whole row did not help; spread
-//    prefetches raised cold-cache throughput by 1.2x (fp32) to 1.6x (bf16, paged) on this
-//    machine, and T0 measured 3-10% above T1 (L2 only). The tile after next gets one prefetch
-//    per token row to take its TLB misses early (warm_translations).
+//    token rows and at least one P.V pass (prefetch_ahead): with 8 kv heads x 128 dims, 4 tokens
+//    of fp32 and 8 of bf16. Near enough that the rows are still in L1 when read, where a whole
+//    tile ahead (the first version) had pushed them out to L2 by then: interleaved, both orders,
+//    one thread with the cache in L3, fp32 +10-13% and bf16 +7-9%; from DRAM at two threads fp32
+//    +4-15%, paged fp32 +0-6%, bf16 +0-3%, paged bf16 -5..+3%. 8 KiB ahead was 13-20% slower
+//    from DRAM, 32 KiB lost the L1 gain. Paged caches read from DRAM also prefetch the next tile
+//    into L2 (NearFarPrefetcher). Bursts of a whole row did not help; spread prefetches raised
+//    cold-cache throughput by 1.2x (fp32) to 1.6x (bf16, paged) on this machine, and T0
+//    measured 3-10% above T1 (L2 only). The tile after next gets one prefetch per token row to
+//    take its TLB misses early (warm_translations).
 //  - Scores. Query rows sit on SIMD lanes (S^T: token x row, as in the flash kernel): a 4-token
 //    x 4-row block of dot products accumulates in 16 registers and one transpose reduction
 //    turns it into 16 scores. Rows are flattened over (kv head, seqlen_q, group); when a head
@@ -50,15 +50,15 @@ inline __m512 transpose_reduce16(__m512 (&a)[16]) {
   return _mm512_add_ps(_mm512_unpacklo_ps(d[0], d[1]), _mm512_unpackhi_ps(d[0], d[1]));
 }
 
-// Paged fp32 caches read from DRAM (far_tiles): the loops prefetch the rows they read next
+// Paged caches read from DRAM (far_tiles): the loops prefetch the rows they read next
 // (PREFETCHT0, as for every cache) and the next tile's rows into L2 (PREFETCHT1). With the near
 // stream alone a new page's first rows come from DRAM late, while the hardware prefetchers run
-// ahead of contiguous caches. (Interleaved, both orders, two threads from DRAM: paged fp32
-// +3-10% net of the A = B drift of the contiguous runs. With the cache in L3 the second stream's
-// instructions cost 35%, hence far_tiles. bf16 paged measured -6..+6% and prefetches 32 KiB
-// ahead instead. Only the first 16 or 64 lines of each page of the next tile: +0-4%.) The
-// loops take the prefetcher type as a template argument, so that the other caches do not pay a
-// second stream's per-step check (3-10% with the cache in L3).
+// ahead of contiguous caches. (Interleaved, both orders, two threads from DRAM, net of the
+// A = B drift of the contiguous runs: paged fp32 +3-10%, paged bf16 +4-10%; for bf16 that is
+// also 0-3% above prefetching 32 KiB ahead without it. With the cache in L3 the second stream's
+// instructions cost 35%, hence far_tiles. Only the first 16 or 64 lines of each page of the next
+// tile: +0-4%.) The loops take the prefetcher type as a template argument, so that the other
+// caches do not pay a second stream's per-step check (3-10% with the cache in L3).
 struct NearFarPrefetcher {
   TilePrefetcher near;
   RowPrefetcher<2> far;
@@ -313,9 +313,7 @@ void decode_work_item_avx512(const DecodeParams& p, Scratch& sc, int64_t b, cons
   const int64_t H = p.heads_kv, esize = sizeof(T);
   constexpr bool kBF16 = std::is_same_v<T, bf16_t>;
   constexpr int64_t kStep = kBF16 ? 32 : 16;  // tile_scores' head dims per step
-  // 16 KiB ahead; 32 KiB for paged 16-bit caches (bf16 paged +2-6% over 16 KiB, interleaved
-  // both ways; fp32 paged at 32 KiB lost 4-7%)
-  const int ahead = prefetch_ahead((p.paged() && esize == 2 ? 32 : 16) << 10, H * D * esize, kBF16 ? 8 : 4);
+  const int ahead = prefetch_ahead(16 << 10, H * D * esize, kBF16 ? 8 : 4);
   TileOffsets offs(p, sc, b, split_keys, kTileA);
   float* st = sc.scores.data();
   for (int64_t t0 = split_keys.lo; t0 < split_keys.hi; t0 += kTileA) {
@@ -376,8 +374,7 @@ void decode_work_item_avx512(const DecodeParams& p, Scratch& sc, int64_t b, cons
 
 template <class T>
 void decode_work_item_avx512(const DecodeParams& p, Scratch& sc, int64_t b, const KeyRange split_keys, bool far_tiles) {
-  if constexpr (sizeof(T) == 4)
-    if (far_tiles && p.paged()) return decode_work_item_avx512<T, true>(p, sc, b, split_keys);  // see NearFarPrefetcher
+  if (far_tiles && p.paged()) return decode_work_item_avx512<T, true>(p, sc, b, split_keys);  // see NearFarPrefetcher
   decode_work_item_avx512<T, false>(p, sc, b, split_keys);
 }
 

@@ -452,7 +452,7 @@ void decode_work_item_generic(const DecodeParams& p, Scratch& sc, int64_t b, int
 }
 
 // far_tiles: the call's cache comes from DRAM (see decode_attention); the AVX-512 work item then
-// also prefetches paged fp32 caches' next tile (NearFarPrefetcher).
+// also prefetches paged caches' next tile (NearFarPrefetcher).
 template <class T>
 void decode_work_item(const DecodeParams& p, Scratch& sc, int64_t b, int split, bool far_tiles) {
   const int64_t D = p.head_dim, dp = (D + W - 1) / W * W;
@@ -561,7 +561,7 @@ void decode_attention(const DecodeParams& params, int num_threads) {
   const bool small = keys * rows * p.head_dim < (int64_t(1) << 16);
   // A cache of more than half the last-level cache is read from DRAM, whatever ran before (its
   // bytes could not stay in the LLC beside anything else): only then does a second, far
-  // prefetch stream pay for its instructions (paged fp32 +3-10% from DRAM; -35% in L3).
+  // prefetch stream pay for its instructions (paged caches +3-10% from DRAM; -35% in L3).
   const bool far_tiles = keys * p.heads_kv * p.head_dim * int64_t(sizeof(T)) * 2 > last_level_cache_bytes() / 2;
   const int threads = small ? 1 : int(std::max<int64_t>(1, std::min<int64_t>(num_threads, items)));
   // Split-KV: the partials are combined row by row by the merge kernel's row merge
