@@ -10,16 +10,17 @@
 //    being read (the rest of the tile, then the first of the next) are prefetched (PREFETCHT0)
 //    a few lines per inner-loop step, spread evenly over the tile's work, in memory order; paged
 //    caches included, since the page table is looked up a tile ahead. `ahead` is about 16 KiB of
-//    token rows and at least one P.V pass (prefetch_ahead): with 8 kv heads x 128 dims, 4 tokens
-//    of fp32 and 8 of bf16. Near enough that the rows are still in L1 when read, where a whole
-//    tile ahead (the first version) had pushed them out to L2 by then: interleaved, both orders,
-//    one thread with the cache in L3, fp32 +10-13% and bf16 +7-9%; from DRAM at two threads fp32
-//    +4-15%, paged fp32 +0-6%, bf16 +0-3%, paged bf16 -5..+3%. 8 KiB ahead was 13-20% slower
-//    from DRAM, 32 KiB lost the L1 gain. Paged caches read from DRAM also prefetch the next tile
-//    into L2 (NearFarPrefetcher). Bursts of a whole row did not help; spread prefetches raised
-//    cold-cache throughput by 1.2x (fp32) to 1.6x (bf16, paged) on this machine, and T0
-//    measured 3-10% above T1 (L2 only). The tile after next gets one prefetch per token row to
-//    take its TLB misses early (warm_translations).
+//    token rows (32 KiB for paged 16-bit caches without the far stream below) and at least one
+//    P.V pass (prefetch_ahead): with 8 kv heads x 128 dims, 4 tokens of fp32 and 8 of bf16 (16
+//    paged). Near enough that the rows are still in L1 when read, where a whole tile ahead (the
+//    first version) had pushed them out to L2 by then: interleaved, both orders, one thread with
+//    the cache in L3, fp32 +10-13% and bf16 +7-9%; from DRAM at two threads fp32 +4-15%, paged
+//    fp32 +0-6%, bf16 +0-3%. 8 KiB ahead was 13-20% slower from DRAM, 32 KiB lost the L1 gain.
+//    Paged caches read from DRAM also prefetch the next tile into L2 (NearFarPrefetcher). Bursts
+//    of a whole row did not help, nor did 4 prefetches in straight-line code per step (-7-14% in
+//    L3); spread prefetches raised cold-cache throughput by 1.2x (fp32) to 1.6x (bf16, paged) on
+//    this machine, and T0 measured 3-10% above T1 (L2 only). The tile after next gets one
+//    prefetch per token row to take its TLB misses early (warm_translations).
 //  - Scores. Query rows sit on SIMD lanes (S^T: token x row, as in the flash kernel): a 4-token
 //    x 4-row block of dot products accumulates in 16 registers and one transpose reduction
 //    turns it into 16 scores. Rows are flattened over (kv head, seqlen_q, group); when a head
@@ -55,10 +56,11 @@ inline __m512 transpose_reduce16(__m512 (&a)[16]) {
 // stream alone a new page's first rows come from DRAM late, while the hardware prefetchers run
 // ahead of contiguous caches. (Interleaved, both orders, two threads from DRAM, net of the
 // A = B drift of the contiguous runs: paged fp32 +3-10%, paged bf16 +4-10%; for bf16 that is
-// also 0-3% above prefetching 32 KiB ahead without it. With the cache in L3 the second stream's
-// instructions cost 35%, hence far_tiles. Only the first 16 or 64 lines of each page of the next
-// tile: +0-4%.) The loops take the prefetcher type as a template argument, so that the other
-// caches do not pay a second stream's per-step check (3-10% with the cache in L3).
+// also 0-7% above prefetching 32 KiB ahead without it. With the cache in L3 the second stream's
+// instructions cost 25-35% (one or two threads, fp32 and bf16), hence far_tiles. Only the first
+// 16 or 64 lines of each page of the next tile: +0-4%.) The loops take the prefetcher type as a
+// template argument, so that the other caches do not pay a second stream's per-step check (3-10%
+// with the cache in L3).
 struct NearFarPrefetcher {
   TilePrefetcher near;
   RowPrefetcher<2> far;
@@ -313,7 +315,9 @@ void decode_work_item_avx512(const DecodeParams& p, Scratch& sc, int64_t b, cons
   const int64_t H = p.heads_kv, esize = sizeof(T);
   constexpr bool kBF16 = std::is_same_v<T, bf16_t>;
   constexpr int64_t kStep = kBF16 ? 32 : 16;  // tile_scores' head dims per step
-  const int ahead = prefetch_ahead(16 << 10, H * D * esize, kBF16 ? 8 : 4);
+  // 16 KiB ahead; 32 KiB for paged 16-bit caches without the far stream (bf16 paged from DRAM
+  // +2-6% over 16 KiB, interleaved both ways; fp32 paged at 32 KiB lost 4-7%)
+  const int ahead = prefetch_ahead((p.paged() && esize == 2 && !kFar ? 32 : 16) << 10, H * D * esize, kBF16 ? 8 : 4);
   TileOffsets offs(p, sc, b, split_keys, kTileA);
   float* st = sc.scores.data();
   for (int64_t t0 = split_keys.lo; t0 < split_keys.hi; t0 += kTileA) {
