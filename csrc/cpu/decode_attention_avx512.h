@@ -320,7 +320,7 @@ void decode_work_item_avx512(const DecodeParams& p, Scratch& sc, int64_t b, cons
   constexpr bool kBF16 = std::is_same_v<T, bf16_t>;
   constexpr int64_t kStep = kBF16 ? 32 : 16;  // tile_scores' head dims per step
   // 16 KiB ahead; 32 KiB for paged 16-bit caches without the far stream (bf16 paged from DRAM
-  // +2-6% over 16 KiB, interleaved both ways; fp32 paged at 32 KiB lost 4-7%)
+  // +1-6% over 16 KiB, interleaved both ways; fp32 paged at 32 KiB lost 4-7%)
   const int ahead = prefetch_ahead((p.paged() && esize == 2 && !kFar ? 32 : 16) << 10, H * D * esize, kBF16 ? 8 : 4);
   TileOffsets offs(p, sc, b, split_keys, kTileA);
   float* st = sc.scores.data();
