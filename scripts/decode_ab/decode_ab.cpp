@@ -11,7 +11,10 @@
 // of calls, B in odd ones, so that neither always runs second. (Identical builds once measured B
 // 5-9% faster whatever the set count and order: each build has its own per-thread scratch, and
 // before the scratch was cache-line aligned one build's accumulators could straddle cache lines
-// and the other's not. Check a new comparison against an A = B run, and in both orders.)
+// and the other's not. Check a new comparison against an A = B run, and in both orders.) Even
+// with aligned scratch, a column whose code the change does not touch has measured one build
+// 3-5% ahead in one order and behind in the other (code placement, presumably): when a change
+// targets some cases (say paged caches), compare its columns net of an untouched one.
 //
 // Usage: decode_ab LENGTH THREADS SETS REPS   (32 q heads / 8 kv heads, head dim 128; SETS odd)
 // Environment: PAGE=n page size of the paged runs (default 16); BATCH=n sequences of LENGTH
