@@ -5,7 +5,11 @@ ratio, with their range in brackets. On a shared host whose memory bandwidth dri
 minutes, one run's row can land in a slow or fast spell; several runs show how far it moves.
 
     for i in 1 2 3; do python -m genkernels.bench decode --json /tmp/run$i.json; done
-    python scripts/bench_runs.py /tmp/run*.json [--op decode_attention]
+    python scripts/bench_runs.py /tmp/run*.json [--op decode_attention] [--split-rate 62]
+
+A same-loop reference reported as a rate (torch.sum over the same bytes) also shows its own
+rate, which tells the host's state during that row. ``--split-rate X`` prints two tables: the
+rows whose reference read below X GB/s and those at or above it.
 """
 from __future__ import annotations
 
@@ -21,11 +25,19 @@ def _fmt(values: list[float], spec: str, suffix: str = "") -> str:
     return f"{mid:{spec}}{suffix} [{min(values):{spec}}-{max(values):{spec}}]"
 
 
-def summarise(docs: list[dict], op: str | None) -> str:
+def reference_rate(row: dict) -> float | None:
+    """GB/s of the row's first same-loop reference reported as a rate (its bytes are the row's)."""
+    for c in row.get("companions", []):
+        if c["report"] == "rate" and c["us"] > 0:
+            return row["bytes_moved"] / c["us"] / 1e3
+    return None
+
+
+def summarise(docs: list[dict], op: str | None, keep=lambda row: True) -> str:
     by_name: dict[str, list[dict]] = {}
     for doc in docs:
         for row in doc["rows"]:
-            if op is None or row["op"] == op:
+            if (op is None or row["op"] == op) and keep(row):
                 by_name.setdefault(row["name"], []).append(row)
     peaks = [doc["peaks"].get("read_gbps") for doc in docs if doc["peaks"].get("read_gbps")]
     lines = [f"{len(docs)} runs; read peak at the start of each: " + ", ".join(f"{p:.1f}" for p in peaks) + " GB/s", ""]
@@ -38,7 +50,8 @@ def summarise(docs: list[dict], op: str | None) -> str:
         for label in dict.fromkeys(c["label"] for r in rows for c in r.get("companions", [])):
             cs = [c for r in rows for c in r["companions"] if c["label"] == label]
             if cs[0]["report"] == "rate":
-                refs.append(_fmt([100 * c["ratio"] for c in cs], ".0f", "%") + f" of {label}")
+                own = [r["bytes_moved"] / c["us"] / 1e3 for r in rows for c in r["companions"] if c["label"] == label]
+                refs.append(_fmt([100 * c["ratio"] for c in cs], ".0f", "%") + f" of {label} (" + _fmt(own, ".0f") + " GB/s)")
             else:
                 refs.append(_fmt([c["ratio"] for c in cs], ".2f", "x") + f" {label}")
         lines.append(" | ".join([
@@ -53,12 +66,21 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("json", nargs="+", help="files written by python -m genkernels.bench --json")
     ap.add_argument("--op", help="only the rows of this op")
+    ap.add_argument("--split-rate", type=float, metavar="GBPS",
+                    help="two tables: rows whose same-loop rate reference read below / at or above GBPS")
     args = ap.parse_args()
     docs = []
     for path in args.json:
         with open(path) as f:
             docs.append(json.load(f))
-    print(summarise(docs, args.op))
+    if args.split_rate is None:
+        print(summarise(docs, args.op))
+        return
+    x = args.split_rate
+    for title, keep in [(f"reference below {x:g} GB/s", lambda r: (reference_rate(r) or 0.0) < x),
+                        (f"reference at or above {x:g} GB/s", lambda r: (reference_rate(r) or 0.0) >= x)]:
+        print(f"## {title}\n")
+        print(summarise(docs, args.op, keep) + "\n")
 
 
 if __name__ == "__main__":

@@ -175,13 +175,21 @@ def test_bench_runs_summary():
     spec.loader.exec_module(mod)
 
     def doc(us, speedup, frac, read):
+        # 1 MB per call; torch.sum in the same loop took us * frac (rate ratio = frac)
         row = {"name": "op/s/fp32", "op": "op", "genkernels_us": us, "rate": 1000 / us, "rate_unit": "GB/s",
-               "speedup": speedup, "companions": [{"label": "torch.sum", "report": "rate", "ratio": frac},
-                                                  {"label": "contiguous", "report": "time", "ratio": 1.1}]}
+               "bytes_moved": 1_000_000, "speedup": speedup,
+               "companions": [{"label": "torch.sum", "report": "rate", "ratio": frac, "us": us * frac},
+                              {"label": "contiguous", "report": "time", "ratio": 1.1, "us": us * 1.1}]}
         return {"peaks": {"read_gbps": read}, "rows": [row, {**row, "name": "other/s/fp32", "op": "other"}]}
 
-    text = mod.summarise([doc(100, 2.0, 0.8, 50), doc(200, 3.0, 0.6, 70), doc(150, 2.5, 0.9, 60)], "op")
+    docs = [doc(100, 2.0, 0.8, 50), doc(200, 3.0, 0.6, 70), doc(150, 2.5, 0.9, 60)]
+    text = mod.summarise(docs, "op")
     assert "3 runs; read peak at the start of each: 50.0, 70.0, 60.0 GB/s" in text
     assert "| op/s/fp32 | 150 [100-200] | 6.7 GB/s [5.0-10.0] | 2.50x [2.00-3.00] |" in text
-    assert "80% [60-90] of torch.sum; 1.10x [1.10-1.10] contiguous |" in text
+    # the reference's own rate: 1 MB in 80, 120 and 135 us
+    assert "80% [60-90] of torch.sum (8 [7-12] GB/s); 1.10x [1.10-1.10] contiguous |" in text
     assert "other/s/fp32" not in text
+    # --split-rate keeps the rows whose reference read below / at or above the threshold
+    assert mod.reference_rate(docs[0]["rows"][0]) == pytest.approx(12.5)
+    fast = mod.summarise(docs, "op", lambda r: mod.reference_rate(r) >= 10)
+    assert "| op/s/fp32 | 100 | 10.0 GB/s | 2.00x | 80% of torch.sum (12 GB/s); 1.10x contiguous |" in fast
