@@ -25,11 +25,16 @@ def _fmt(values: list[float], spec: str, suffix: str = "") -> str:
     return f"{mid:{spec}}{suffix} [{min(values):{spec}}-{max(values):{spec}}]"
 
 
+def _companion_rate(row: dict, c: dict) -> float:
+    """GB/s of same-loop reference ``c`` of ``row``, which reads the row's bytes."""
+    return row["bytes_moved"] / c["us"] / 1e3
+
+
 def reference_rate(row: dict) -> float | None:
-    """GB/s of the row's first same-loop reference reported as a rate (its bytes are the row's)."""
+    """GB/s of the row's first same-loop reference reported as a rate."""
     for c in row.get("companions", []):
         if c["report"] == "rate" and c["us"] > 0:
-            return row["bytes_moved"] / c["us"] / 1e3
+            return _companion_rate(row, c)
     return None
 
 
@@ -50,7 +55,7 @@ def summarise(docs: list[dict], op: str | None, keep=lambda row: True) -> str:
         for label in dict.fromkeys(c["label"] for r in rows for c in r.get("companions", [])):
             cs = [c for r in rows for c in r["companions"] if c["label"] == label]
             if cs[0]["report"] == "rate":
-                own = [r["bytes_moved"] / c["us"] / 1e3 for r in rows for c in r["companions"] if c["label"] == label]
+                own = [_companion_rate(r, c) for r in rows for c in r["companions"] if c["label"] == label]
                 refs.append(_fmt([100 * c["ratio"] for c in cs], ".0f", "%") + f" of {label} (" + _fmt(own, ".0f") + " GB/s)")
             else:
                 refs.append(_fmt([c["ratio"] for c in cs], ".2f", "x") + f" {label}")
