@@ -84,6 +84,20 @@ def test_window_and_causal(window, causal):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("page_size", [0, 16])
+def test_sliding_window_long_cache_automatic_splits(dtype, page_size):
+    """The automatic split count and the threading / prefetch choices count the keys a window
+    leaves visible, not the cache length: a short window over long caches of mixed lengths (one
+    shorter than the window, one empty)."""
+    g = torch.Generator().manual_seed(9)
+    k, v, table = make_cache(4, 3000, 2, 128, dtype, page_size, g)
+    q = torch.randn(4, 2, 8, 128, dtype=dtype, generator=g)
+    lens = torch.tensor([3000, 2900, 40, 0], dtype=torch.int32)
+    for window in ((100, -1), (300, 0), (0, 0)):
+        check(q, k, v, lens, table, window=window, num_splits=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_softcap_alibi_scale(dtype):
     g = torch.Generator().manual_seed(3)
     k, v, table = make_cache(2, 100, 2, 128, dtype, 16, g)

@@ -532,9 +532,11 @@ int choose_num_splits(const DecodeParams& p, int num_threads) {
   constexpr int64_t kMinSplitKeys = 256;
   const int64_t items = p.batch, threads = num_threads;
   if (items >= threads && items % threads == 0) return 1;
-  int64_t max_len = 0, min_len = INT64_MAX;
-  for (int64_t b = 0; b < p.batch; ++b)
-    max_len = std::max<int64_t>(max_len, p.cache_seqlens[b]), min_len = std::min<int64_t>(min_len, p.cache_seqlens[b]);
+  int64_t max_len = 0, min_len = INT64_MAX;  // of the visible keys
+  for (int64_t b = 0; b < p.batch; ++b) {
+    const KeyRange kr = visible_keys_all_queries(p, p.cache_seqlens[b]);
+    max_len = std::max<int64_t>(max_len, kr.hi - kr.lo), min_len = std::min<int64_t>(min_len, kr.hi - kr.lo);
+  }
   const bool even = max_len - min_len <= max_len / 8;
   const int64_t by_balance = even ? threads / std::gcd(items, threads) : (4 * threads + items - 1) / items;
   const int64_t by_length = std::max<int64_t>(1, max_len / kMinSplitKeys);
@@ -556,10 +558,13 @@ void decode_attention(const DecodeParams& params, int num_threads) {
   const int64_t items = p.batch * p.num_splits;
   const int64_t rows = p.heads_kv * p.seqlen_q * p.group(), dp = (p.head_dim + W - 1) / W * W;
   // Small problems (short caches) stay on the calling thread: waking the team costs more.
-  int64_t keys = 0;
-  for (int64_t b = 0; b < p.batch; ++b) keys += p.cache_seqlens[b];
+  int64_t keys = 0;  // visible keys of the call (a sliding window reads only its keys)
+  for (int64_t b = 0; b < p.batch; ++b) {
+    const KeyRange kr = visible_keys_all_queries(p, p.cache_seqlens[b]);
+    keys += kr.hi - kr.lo;
+  }
   const bool small = keys * rows * p.head_dim < (int64_t(1) << 16);
-  // A cache of more than half the last-level cache is read from DRAM, whatever ran before (its
+  // A call reading more than half the last-level cache reads from DRAM, whatever ran before (its
   // bytes could not stay in the LLC beside anything else): only then does a second, far
   // prefetch stream pay for its instructions (paged caches +3-10% from DRAM; -25-35% in L3).
   const bool far_tiles = keys * p.heads_kv * p.head_dim * int64_t(sizeof(T)) * 2 > last_level_cache_bytes() / 2;
