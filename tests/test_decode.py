@@ -84,6 +84,23 @@ def test_window_and_causal(window, causal):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_splits", [1, 2])
+def test_paged_prefetch_modes_agree(dtype, num_splits):
+    """At the AVX-512 level a paged cache takes a second, far prefetch stream unless the previous
+    call read the same cache (then taken to be in the last-level cache): a call after one on
+    another cache takes it, the repeated call does not, and both give the reference's bits."""
+    g = torch.Generator().manual_seed(8)
+    k, v, table = make_cache(2, 300, 2, 128, dtype, 16, g)
+    other_k, other_v, other_table = make_cache(1, 40, 2, 128, dtype, 16, g)
+    q = torch.randn(2, 1, 8, 128, dtype=dtype, generator=g)
+    lens = torch.tensor([300, 37], dtype=torch.int32)
+    gk.decode_attention(q[:1], other_k, other_v, lens[1:], block_table=other_table)
+    far, _ = check(q, k, v, lens, table, num_splits=num_splits)
+    near, _ = check(q, k, v, lens, table, num_splits=num_splits)
+    assert torch.equal(far, near)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("page_size", [0, 16])
 def test_sliding_window_long_cache_automatic_splits(dtype, page_size):
     """The automatic split count and the threading / prefetch choices count the keys a window

@@ -16,6 +16,9 @@
 // 3-5% ahead in one order and behind in the other (code placement, presumably): when a change
 // targets some cases (say paged caches), compare its columns net of an untouched one.
 //
+// Every call reads another set than the one before, so the kernel takes paged caches to come
+// from DRAM (reads_from_dram) and runs their far prefetch stream even when the sets fit in L3.
+//
 // Usage: decode_ab LENGTH THREADS SETS REPS   (32 q heads / 8 kv heads, head dim 128; SETS odd)
 // Environment: PAGE=n page size of the paged runs (default 16); BATCH=n sequences of LENGTH
 // tokens each (default 1); SPLITS=n split-KV count (default 0: the kernel's heuristic);
