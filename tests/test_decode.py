@@ -88,7 +88,8 @@ def test_window_and_causal(window, causal):
 def test_paged_prefetch_modes_agree(dtype, num_splits):
     """At the AVX-512 level a paged cache takes a second, far prefetch stream unless the previous
     call read the same cache (then taken to be in the last-level cache): a call after one on
-    another cache takes it, the repeated call does not, and both give the reference's bits."""
+    another cache takes it, the repeated call does not; both match the reference, bit for bit
+    the same."""
     g = torch.Generator().manual_seed(8)
     k, v, table = make_cache(2, 300, 2, 128, dtype, 16, g)
     other_k, other_v, other_table = make_cache(1, 40, 2, 128, dtype, 16, g)
