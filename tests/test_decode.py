@@ -167,6 +167,14 @@ def test_bad_input():
         gk.decode_attention(q, k[:, :12], v[:, :12], lens, block_table=table)
     with pytest.raises(ValueError, match="window"):
         gk.decode_attention(q, k, v, lens, block_table=table, window=(-2, 0))
+    kc, vc, _ = make_cache(2, 32, 2, 64, torch.float32)
+    for cap in (-1.0, float("inf"), float("nan")):  # inf would make every score inf * 0 = NaN
+        for cache in ((k, v, table), (kc, vc, None)):  # paged and contiguous (the CPU fast path)
+            with pytest.raises(ValueError, match="softcap must be a finite float >= 0"):
+                gk.decode_attention(q, cache[0], cache[1], lens, block_table=cache[2], softcap=cap)
+    for scale, err in ((float("nan"), ValueError), (float("-inf"), ValueError), ("0.1", TypeError)):
+        with pytest.raises(err, match="softmax_scale must be a finite float"):
+            gk.decode_attention(q, kc, vc, lens, softmax_scale=scale)
     # a bad unused page-table entry is fine: only pages holding tokens are read
     ok = table.clone(); ok[1, 1] = -1
     gk.decode_attention(q, k, v, lens, block_table=ok)

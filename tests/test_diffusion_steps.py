@@ -266,3 +266,14 @@ def test_bad_input():
         gd.ddpm_step(mo, x, 0.3, 0.5, dynamic_thresholding_ratio=0.9, sample_max_value=0.5)
     with pytest.raises(ValueError, match="dynamic thresholding is supported"):
         gd.samplers._fused.step_coeffs("euler", "epsilon", sigma=1.0, sigma_next=0.5, keep_x0=True)
+    # non-finite scalars are named, never turned into NaN latents (an inf sigma passes "> 0")
+    nan, inf = float("nan"), float("inf")
+    for name, call in (("sigma", lambda: gd.euler_step(mo, x, inf, 0.5)),
+                       ("sigma", lambda: gd.flow_euler_step(mo, x, inf, 0.5)),
+                       ("s_noise", lambda: gd.euler_step(mo, x, 1.0, 0.5, gamma=0.1, s_noise=inf, seed=1)),
+                       ("sigma_prev", lambda: gd.dpmpp_2m_step(mo, x, 3.0, 2.0, sigma_prev=inf, prev_pred_original=x)),
+                       ("eta", lambda: gd.ddim_step(mo, x, 0.3, 0.5, eta=inf, seed=1)),
+                       ("guidance_scale", lambda: gd.ddim_step(torch.cat([mo, mo]), x, 0.3, 0.5, guidance_scale=nan)),
+                       ("guidance_scale", lambda: gd.euler_step(torch.cat([mo, mo]), x, 1.0, 0.5, guidance_scale=inf))):
+        with pytest.raises(ValueError, match=f"{name} must be a finite number"):
+            call()

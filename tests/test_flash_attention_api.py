@@ -96,7 +96,12 @@ def _dense_bad_cases():
         ("window right < -1", lambda: gk.flash_attention(q, k, v, window=(3, -5)), ValueError, "window right must be >= -1"),
         ("window not a pair", lambda: gk.flash_attention(q, k, v, window=(3,)), TypeError, "window must be"),
         ("window float", lambda: gk.flash_attention(q, k, v, window=(3.0, 1)), TypeError, "window left must be an int"),
-        ("negative softcap", lambda: gk.flash_attention(q, k, v, softcap=-1.0), ValueError, "softcap must be >= 0"),
+        ("negative softcap", lambda: gk.flash_attention(q, k, v, softcap=-1.0), ValueError, "softcap must be a finite float >= 0"),
+        ("infinite softcap", lambda: gk.flash_attention(q, k, v, softcap=float("inf")), ValueError, "softcap must be a finite"),
+        ("NaN softcap", lambda: gk.flash_attention(q, k, v, softcap=float("nan")), ValueError, "softcap must be a finite"),
+        ("NaN scale", lambda: gk.flash_attention(q, k, v, softmax_scale=float("nan")), ValueError, "softmax_scale must be a finite"),
+        ("infinite scale", lambda: gk.flash_attention(q, k, v, softmax_scale=float("inf")), ValueError, "softmax_scale must be a finite"),
+        ("scale not a number", lambda: gk.flash_attention(q, k, v, softmax_scale="0.1"), TypeError, "softmax_scale must be a finite"),
         ("alibi shape", lambda: gk.flash_attention(q, k, v, alibi_slopes=torch.rand(3)), ValueError, "alibi_slopes must have shape"),
         ("alibi dtype", lambda: gk.flash_attention(q, k, v, alibi_slopes=torch.rand(4).double()), TypeError, "alibi_slopes must have dtype"),
     ]

@@ -123,8 +123,10 @@ def _resolve_scale(softmax_scale, q) -> float:
         if q.shape[-1] == 0:
             raise ValueError("q has head_dim 0; it must be at least 1")
         return q.shape[-1] ** -0.5
-    if not isinstance(softmax_scale, (int, float)) or not math.isfinite(softmax_scale):
+    if not isinstance(softmax_scale, (int, float)) or isinstance(softmax_scale, bool):
         raise TypeError(f"softmax_scale must be a finite float or None, got {softmax_scale!r}")
+    if not math.isfinite(softmax_scale):
+        raise ValueError(f"softmax_scale must be a finite float or None, got {softmax_scale!r}")
     return float(softmax_scale)
 
 
@@ -186,8 +188,8 @@ def _validate(q, k_cache, v_cache, cache_seqlens, block_table, window_left, wind
         raise ValueError(f"heads_q ({heads_q}) must be a multiple of the cache's heads_kv ({heads_kv})")
     if window_left < -1 or window_right < -1:
         raise ValueError(f"window entries must be >= -1, got ({window_left}, {window_right})")
-    if not softcap >= 0:
-        raise ValueError(f"softcap must be >= 0, got {softcap}")
+    if not 0 <= softcap < math.inf:  # NaN fails too; an infinite cap would give inf * 0 = NaN scores
+        raise ValueError(f"softcap must be a finite float >= 0 (0: none), got {softcap}")
     if alibi_slopes is not None:
         check_tensor("alibi_slopes", alibi_slopes, dtypes=(torch.float32,), contiguous=True)
         if tuple(alibi_slopes.shape) not in ((heads_q,), (batch, heads_q)):
@@ -257,7 +259,7 @@ def _decode_cpu_fast(q, k_cache, v_cache, cache_seqlens, block_table, causal, so
     any check fails or the call is not a plain CPU one; decode_attention then takes the general
     path, which names the bad argument. Callers guarantee plain tensors, no ALiBi, the default
     window and no emulation."""
-    if not q.is_cpu or type(causal) is not bool or type(softcap) is not float or not softcap >= 0:
+    if not q.is_cpu or type(causal) is not bool or type(softcap) is not float or not 0.0 <= softcap < math.inf:
         return None
     if type(num_splits) is not int or not 0 <= num_splits <= 1024:
         return None

@@ -19,6 +19,7 @@ never copies an input behind the caller's back. The drop-in schedulers of
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -48,7 +49,13 @@ def step_coeffs(sampler: str, prediction_type: str, **scalars) -> list[float]:
     """The per-step scalars of `sampler` (float64, computed by csrc/core/diffusion_coeffs.h)."""
     if sampler not in SAMPLER_CODE:
         raise ValueError(f"sampler must be one of {', '.join(SAMPLER_CODE)}, got {sampler!r}")
-    return list(_native._C.diffusion_step_coeffs(SAMPLER_CODE[sampler], prediction_code(prediction_type), **scalars))
+    for name, value in scalars.items():  # an inf sigma passes "> 0" and would give NaN coefficients
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"genkernels: {sampler}: {name} must be a finite number, got {value}")
+    coeffs = list(_native._C.diffusion_step_coeffs(SAMPLER_CODE[sampler], prediction_code(prediction_type), **scalars))
+    if not all(math.isfinite(c) for c in coeffs):
+        raise ValueError(f"genkernels: {sampler}: the step's scalars {scalars} give non-finite coefficients {coeffs}")
+    return coeffs
 
 
 def needs_noise(coeffs: Sequence[float]) -> bool:
@@ -73,6 +80,8 @@ def _validate(model_output, sample, coeffs, guidance_scale, history, noise, seed
         raise ValueError(f"coeffs must hold {NUM_COEFFS} scalars, got {len(coeffs)}")
     if sample.dim() == 0:
         raise ValueError("sample must have a batch dimension, got a 0-d tensor")
+    if guidance_scale is not None and not math.isfinite(guidance_scale):
+        raise ValueError(f"guidance_scale must be a finite number or None, got {guidance_scale}")
     if guidance_scale is None:
         if model_output.shape != sample.shape:
             raise ValueError(f"model_output must have the shape of sample {tuple(sample.shape)}, got {tuple(model_output.shape)}")
