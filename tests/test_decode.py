@@ -172,6 +172,13 @@ def test_bad_input():
         for cache in ((k, v, table), (kc, vc, None)):  # paged and contiguous (the CPU fast path)
             with pytest.raises(ValueError, match="softcap must be a finite float >= 0"):
                 gk.decode_attention(q, cache[0], cache[1], lens, block_table=cache[2], softcap=cap)
+    # options of the wrong type are named, not coerced (bool("no") is True, int(2.5) is 2)
+    for kw, name in ((dict(causal="yes"), "causal"), (dict(return_lse="no"), "return_lse"),
+                     (dict(num_splits=2.5), "num_splits"), (dict(num_splits=True), "num_splits"),
+                     (dict(softcap="1"), "softcap")):
+        for cache in ((k, v, table), (kc, vc, None)):
+            with pytest.raises(TypeError, match=f"{name} must be"):
+                gk.decode_attention(q, cache[0], cache[1], lens, block_table=cache[2], **kw)
     for scale, err in ((float("nan"), ValueError), (float("-inf"), ValueError), ("0.1", TypeError)):
         with pytest.raises(err, match="softmax_scale must be a finite float"):
             gk.decode_attention(q, kc, vc, lens, softmax_scale=scale)

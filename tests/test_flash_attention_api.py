@@ -102,6 +102,9 @@ def _dense_bad_cases():
         ("NaN scale", lambda: gk.flash_attention(q, k, v, softmax_scale=float("nan")), ValueError, "softmax_scale must be a finite"),
         ("infinite scale", lambda: gk.flash_attention(q, k, v, softmax_scale=float("inf")), ValueError, "softmax_scale must be a finite"),
         ("scale not a number", lambda: gk.flash_attention(q, k, v, softmax_scale="0.1"), TypeError, "softmax_scale must be a finite"),
+        ("causal a string", lambda: gk.flash_attention(q, k, v, causal="yes"), TypeError, "causal must be a bool"),
+        ("return_lse None", lambda: gk.flash_attention(q, k, v, return_lse=None), TypeError, "return_lse must be a bool"),
+        ("softcap a string", lambda: gk.flash_attention(q, k, v, softcap="1"), TypeError, "softcap must be a number"),
         ("alibi shape", lambda: gk.flash_attention(q, k, v, alibi_slopes=torch.rand(3)), ValueError, "alibi_slopes must have shape"),
         ("alibi dtype", lambda: gk.flash_attention(q, k, v, alibi_slopes=torch.rand(4).double()), TypeError, "alibi_slopes must have dtype"),
     ]
@@ -125,6 +128,9 @@ def _varlen_bad_cases():
         ("q 4-d", lambda: call(q[None], k, v, cu_q, cu_k, 7, 5), ValueError, "q must have 3 dimensions"),
         ("alibi batch", lambda: call(q, k, v, cu_q, cu_k, 7, 5, alibi_slopes=torch.rand(3, 4)), ValueError, r"\(2, 4\)"),
         ("window", lambda: call(q, k, v, cu_q, cu_k, 7, 5, window=(-3, -1)), ValueError, "window left"),
+        ("causal a string", lambda: call(q, k, v, cu_q, cu_k, 7, 5, causal="no"), TypeError, "causal must be a bool"),
+        ("softcap inf", lambda: call(q, k, v, cu_q, cu_k, 7, 5, softcap=float("inf")), ValueError, "softcap must be a finite"),
+        ("scale NaN", lambda: call(q, k, v, cu_q, cu_k, 7, 5, softmax_scale=float("nan")), ValueError, "softmax_scale must be a finite"),
     ]
 
 

@@ -4,6 +4,7 @@ reaches native code. They only read metadata, so they work on fake tensors under
 ``torch.compile`` and never synchronise a GPU."""
 from __future__ import annotations
 
+import numbers
 from typing import Iterable, Sequence
 
 import torch
@@ -39,6 +40,23 @@ def check_tensor(
     if last_dim_contiguous and t.dim() > 0 and t.stride()[-1] != 1 and t.shape[-1] > 1:
         raise ValueError(f"{name} must have a contiguous last dimension (stride(-1) == 1), got strides {t.stride()}")
     return t
+
+
+def check_flag(name: str, value: object) -> bool:
+    """A bool option (a Python bool, or the int 0 or 1): a string or a tensor there is a mistake
+    that ``bool(value)`` would silently turn into True."""
+    if type(value) is bool:
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    raise TypeError(f"{name} must be a bool, got {value!r}")
+
+
+def check_number(name: str, value: object) -> float:
+    """A real-valued scalar option (int, float or NumPy scalar, not bool), as a float."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    return float(value)
 
 
 def require_tensors(**args: object) -> None:

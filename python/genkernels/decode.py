@@ -13,7 +13,7 @@ import math
 import torch
 
 from . import _native
-from ._checks import FLOAT_DTYPES, check_same_device, check_same_dtype, check_shape, check_tensor
+from ._checks import FLOAT_DTYPES, check_flag, check_number, check_same_device, check_same_dtype, check_shape, check_tensor
 from .tools.instantiations import DECODE_HEAD_DIMS
 
 
@@ -78,15 +78,18 @@ def decode_attention(
     if (type(q) is _Tensor and type(k_cache) is _Tensor and type(v_cache) is _Tensor and type(cache_seqlens) is _Tensor
             and (block_table is None or type(block_table) is _Tensor) and alibi_slopes is None and window is _NO_WINDOW
             and not _native._emulating_threads and not _is_compiling() and not _dispatch_stack_len()
-            and not _function_mode_enabled()):  # fmt: skip
+            and not _function_mode_enabled() and type(return_lse) is bool):  # fmt: skip
         res = _decode_cpu_fast(q, k_cache, v_cache, cache_seqlens, block_table, causal, softmax_scale, softcap,
                                num_splits, return_lse)  # fmt: skip
         if res is not None:
             return res if return_lse else res[0]
     window_left, window_right = _check_window(window)
     scale = _resolve_scale(softmax_scale, q)
-    args = (q, k_cache, v_cache, cache_seqlens, block_table, causal, window_left, window_right, scale, float(softcap),
-            alibi_slopes, int(num_splits))  # fmt: skip
+    causal, return_lse = check_flag("causal", causal), check_flag("return_lse", return_lse)
+    if isinstance(num_splits, bool) or not isinstance(num_splits, int):
+        raise TypeError(f"num_splits must be an int in [0, 1024] (0: automatic), got {num_splits!r}")
+    args = (q, k_cache, v_cache, cache_seqlens, block_table, causal, window_left, window_right, scale,
+            check_number("softcap", softcap), alibi_slopes, num_splits)  # fmt: skip
     if _plain_eager(q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes):
         out, lse = decode_impl(*args, want_lse=return_lse)
     else:

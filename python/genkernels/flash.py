@@ -22,7 +22,7 @@ from typing import Sequence
 import torch
 
 from . import _native
-from ._checks import FLOAT_DTYPES, check_same_device, check_same_dtype, check_tensor, require_tensors
+from ._checks import FLOAT_DTYPES, check_flag, check_number, check_same_device, check_same_dtype, check_tensor, require_tensors
 from .tools.instantiations import FLASH_HEAD_DIMS
 
 MAX_HEAD_DIM = 256
@@ -59,8 +59,9 @@ def flash_attention(
     require_tensors(q=q, k=k, v=v)
     wl, wr = _window(window)
     out, lse = torch.ops.genkernels.flash_attention(
-        q, k, v, bool(causal), wl, wr, _scale(softmax_scale, q), float(softcap), alibi_slopes, bool(return_lse)
-    )
+        q, k, v, check_flag("causal", causal), wl, wr, _scale(softmax_scale, q), check_number("softcap", softcap),
+        alibi_slopes, check_flag("return_lse", return_lse),
+    )  # fmt: skip
     return (out, lse) if return_lse else out
 
 
@@ -93,7 +94,8 @@ def flash_attention_varlen(
     wl, wr = _window(window)
     out, lse = torch.ops.genkernels.flash_attention_varlen(
         q, k, v, cu_seqlens_q, cu_seqlens_k, _int("max_seqlen_q", max_seqlen_q), _int("max_seqlen_k", max_seqlen_k),
-        bool(causal), wl, wr, _scale(softmax_scale, q), float(softcap), alibi_slopes, bool(return_lse),
+        check_flag("causal", causal), wl, wr, _scale(softmax_scale, q), check_number("softcap", softcap), alibi_slopes,
+        check_flag("return_lse", return_lse),
     )  # fmt: skip
     return (out, lse) if return_lse else out
 
