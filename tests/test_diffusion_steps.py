@@ -277,3 +277,23 @@ def test_bad_input():
                        ("guidance_scale", lambda: gd.euler_step(torch.cat([mo, mo]), x, 1.0, 0.5, guidance_scale=inf))):
         with pytest.raises(ValueError, match=f"{name} must be a finite number"):
             call()
+    # options of the wrong type are named, not coerced (bool("no") is True, int(1.5) is 1)
+    for name, call in (("add_noise must be a bool", lambda: gd.ddpm_step(mo, x, 0.3, 0.5, add_noise="no")),
+                       ("sde must be a bool", lambda: gd.dpmpp_2m_step(mo, x, 1.0, 0.5, sde="no", seed=1)),
+                       ("stochastic must be a bool", lambda: gd.flow_euler_step(mo, x, 1.0, 0.5, stochastic="no")),
+                       ("return_pred_original must be a bool",
+                        lambda: gd.euler_step(mo, x, 1.0, 0.5, return_pred_original="no")),
+                       ("seed must be an int", lambda: gd.ddpm_step(mo, x, 0.3, 0.5, seed=1.5)),
+                       ("offset must be an int", lambda: gd.ddpm_step(mo, x, 0.3, 0.5, seed=1, offset="2")),
+                       ("sigma must be a number", lambda: gd.euler_step(mo, x, "1.0", 0.5)),
+                       ("guidance_scale must be a number",
+                        lambda: gd.euler_step(torch.cat([mo, mo]), x, 1.0, 0.5, guidance_scale="2")),
+                       ("clip_sample_range must be a number",
+                        lambda: gd.ddim_step(mo, x, 0.3, 0.5, clip_sample_range="1")),
+                       ("seed must be an int", lambda: gd.gaussian_noise((4,), 1.5))):
+        with pytest.raises(TypeError, match=name):
+            call()
+    # what diffusers code passes stays accepted: 0-d tensors for scalars, t > 0 tensors for flags
+    want = gd.ddpm_step(mo, x, 0.3, 0.5, add_noise=True, seed=3)
+    torch.testing.assert_close(gd.ddpm_step(mo, x, torch.tensor(0.3, dtype=torch.float64), 0.5,
+                                            add_noise=torch.tensor(7) > 0, seed=3), want, rtol=0, atol=0)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numbers
 from typing import Iterable, Sequence
 
+import numpy
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -43,20 +44,33 @@ def check_tensor(
 
 
 def check_flag(name: str, value: object) -> bool:
-    """A bool option (a Python bool, or the int 0 or 1): a string or a tensor there is a mistake
-    that ``bool(value)`` would silently turn into True."""
+    """A bool option: a Python or NumPy bool, the int 0 or 1, or a one-element bool tensor (such
+    as diffusers' ``t > 0``). A string there is a mistake that ``bool(value)`` would silently
+    turn into True."""
     if type(value) is bool:
         return value
-    if isinstance(value, int) and value in (0, 1):
+    if isinstance(value, numpy.bool_) or (isinstance(value, int) and value in (0, 1)):
+        return bool(value)
+    if isinstance(value, torch.Tensor) and value.dtype == torch.bool and value.numel() == 1:
         return bool(value)
     raise TypeError(f"{name} must be a bool, got {value!r}")
 
 
 def check_number(name: str, value: object) -> float:
-    """A real-valued scalar option (int, float or NumPy scalar, not bool), as a float."""
+    """A real-valued scalar option (int, float, NumPy scalar or one-element tensor such as a
+    scheduler's ``sigmas[i]``; not a bool or a string), as a float."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.dtype.is_complex:
+        return float(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, got {value!r}")
     return float(value)
+
+
+def check_int(name: str, value: object) -> int:
+    """An integer option (int or NumPy integer, not a bool or a float)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    return int(value)
 
 
 def require_tensors(**args: object) -> None:

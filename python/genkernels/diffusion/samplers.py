@@ -36,6 +36,7 @@ from typing import Sequence
 
 import torch
 
+from .._checks import check_flag, check_int, check_number
 from . import _fused
 
 
@@ -56,19 +57,22 @@ def _run(
 ):
     if noise is None and _fused.needs_noise(coeffs) and seed is None:
         seed = _fused.draw_seed()
-    seed = 0 if seed is None else int(seed)
-    gs = None if guidance_scale is None else float(guidance_scale)
+    seed = 0 if seed is None else check_int("seed", seed)
+    offset = check_int("offset", offset)
+    return_pred_original = check_flag("return_pred_original", return_pred_original)
+    gs = None if guidance_scale is None else check_number("guidance_scale", guidance_scale)
+    guidance_rescale = check_number("guidance_rescale", guidance_rescale)
     if out is None:
         prev, x0 = torch.ops.genkernels.diffusion_step(
-            model_output, sample, list(coeffs), gs, history, noise, seed, int(offset), return_pred_original,
-            float(guidance_rescale), *threshold,
+            model_output, sample, list(coeffs), gs, history, noise, seed, offset, return_pred_original,
+            guidance_rescale, *threshold,
         )
     else:
         prev = out
         x0 = torch.empty_like(out) if return_pred_original else None
         torch.ops.genkernels.diffusion_step_out(
-            model_output, sample, list(coeffs), gs, history, noise, seed, int(offset), out, x0,
-            float(guidance_rescale), *threshold,
+            model_output, sample, list(coeffs), gs, history, noise, seed, offset, out, x0,
+            guidance_rescale, *threshold,
         )
     return (prev, x0) if return_pred_original else prev
 
@@ -81,7 +85,7 @@ def gaussian_noise(
     CPU, under CUDA emulation and on any GPU."""
     if out is None:
         out = torch.empty(tuple(shape), dtype=dtype, device=device)
-    torch.ops.genkernels.gaussian_noise_(out, int(seed), int(offset))
+    torch.ops.genkernels.gaussian_noise_(out, check_int("seed", seed), check_int("offset", offset))
     return out
 
 
@@ -97,9 +101,10 @@ def ddim_step(
     drawn only when ``eta > 0``."""
     threshold = _threshold(dynamic_thresholding_ratio, sample_max_value, clip_sample_range)
     coeffs = _fused.step_coeffs(
-        "ddim", prediction_type, alpha_prod_t=float(alpha_prod_t), alpha_prod_prev=float(alpha_prod_prev),
-        eta=float(eta), use_clipped_model_output=bool(use_clipped_model_output), clip=_clip(clip_sample_range),
-        keep_x0=threshold[0] > 0,
+        "ddim", prediction_type, alpha_prod_t=check_number("alpha_prod_t", alpha_prod_t),
+        alpha_prod_prev=check_number("alpha_prod_prev", alpha_prod_prev), eta=check_number("eta", eta),
+        use_clipped_model_output=check_flag("use_clipped_model_output", use_clipped_model_output),
+        clip=_clip(clip_sample_range), keep_x0=threshold[0] > 0,
     )
     return _run(coeffs, model_output, sample, guidance_scale=guidance_scale, noise=noise, seed=seed, offset=offset,
                 out=out, return_pred_original=return_pred_original, guidance_rescale=guidance_rescale,
@@ -119,9 +124,9 @@ def ddpm_step(
         raise ValueError(f"variance_type must be 'fixed_small' or 'fixed_large', got {variance_type!r}")
     threshold = _threshold(dynamic_thresholding_ratio, sample_max_value, clip_sample_range)
     coeffs = _fused.step_coeffs(
-        "ddpm", prediction_type, alpha_prod_t=float(alpha_prod_t), alpha_prod_prev=float(alpha_prod_prev),
-        variance_large=variance_type == "fixed_large", add_noise=bool(add_noise), clip=_clip(clip_sample_range),
-        keep_x0=threshold[0] > 0,
+        "ddpm", prediction_type, alpha_prod_t=check_number("alpha_prod_t", alpha_prod_t),
+        alpha_prod_prev=check_number("alpha_prod_prev", alpha_prod_prev), variance_large=variance_type == "fixed_large",
+        add_noise=check_flag("add_noise", add_noise), clip=_clip(clip_sample_range), keep_x0=threshold[0] > 0,
     )
     return _run(coeffs, model_output, sample, guidance_scale=guidance_scale, noise=noise, seed=seed, offset=offset,
                 out=out, return_pred_original=return_pred_original, guidance_rescale=guidance_rescale,
@@ -135,8 +140,10 @@ def euler_step(
 ):
     """Euler (Karras et al. Algorithm 2): diffusers' ``EulerDiscreteScheduler.step``, with
     ``gamma`` = ``min(s_churn / (len(sigmas) - 1), sqrt(2) - 1)`` inside ``[s_tmin, s_tmax]``."""
-    coeffs = _fused.step_coeffs("euler", prediction_type, sigma=float(sigma), sigma_next=float(sigma_next),
-                                gamma=float(gamma), s_noise=float(s_noise))
+    coeffs = _fused.step_coeffs(
+        "euler", prediction_type, sigma=check_number("sigma", sigma), sigma_next=check_number("sigma_next", sigma_next),
+        gamma=check_number("gamma", gamma), s_noise=check_number("s_noise", s_noise),
+    )
     return _run(coeffs, model_output, sample, guidance_scale=guidance_scale, noise=noise, seed=seed, offset=offset,
                 out=out, return_pred_original=return_pred_original, guidance_rescale=guidance_rescale)
 
@@ -147,7 +154,8 @@ def euler_ancestral_step(
     return_pred_original: bool = False,
 ):
     """Euler ancestral: diffusers' ``EulerAncestralDiscreteScheduler.step``."""
-    coeffs = _fused.step_coeffs("euler_ancestral", prediction_type, sigma=float(sigma), sigma_next=float(sigma_next))
+    coeffs = _fused.step_coeffs("euler_ancestral", prediction_type, sigma=check_number("sigma", sigma),
+                                sigma_next=check_number("sigma_next", sigma_next))
     return _run(coeffs, model_output, sample, guidance_scale=guidance_scale, noise=noise, seed=seed, offset=offset,
                 out=out, return_pred_original=return_pred_original, guidance_rescale=guidance_rescale)
 
@@ -170,9 +178,10 @@ def dpmpp_2m_step(
         raise ValueError("sigma_prev is required with prev_pred_original (a second-order step)")
     threshold = _threshold(dynamic_thresholding_ratio, sample_max_value, None)
     coeffs = _fused.step_coeffs(
-        "dpmpp_2m", prediction_type, sigma=float(sigma), sigma_next=float(sigma_next),
-        sigma_prev=float(sigma_prev or 0.0), order=order, sde=bool(sde), flow_sigmas=bool(flow_sigmas),
-        keep_x0=threshold[0] > 0,
+        "dpmpp_2m", prediction_type, sigma=check_number("sigma", sigma),
+        sigma_next=check_number("sigma_next", sigma_next),
+        sigma_prev=0.0 if sigma_prev is None else check_number("sigma_prev", sigma_prev), order=order,
+        sde=check_flag("sde", sde), flow_sigmas=check_flag("flow_sigmas", flow_sigmas), keep_x0=threshold[0] > 0,
     )
     return _run(coeffs, model_output, sample, guidance_scale=guidance_scale, history=prev_pred_original,
                 noise=noise, seed=seed, offset=offset, out=out, return_pred_original=return_pred_original,
@@ -186,8 +195,10 @@ def flow_euler_step(
 ):
     """Flow-matching Euler (SD3 / Flux): diffusers' ``FlowMatchEulerDiscreteScheduler.step``
     (``stochastic`` = its ``stochastic_sampling``); the model predicts the velocity."""
-    coeffs = _fused.step_coeffs("flow_euler", "flow_prediction", sigma=float(sigma), sigma_next=float(sigma_next),
-                                sde=bool(stochastic))
+    coeffs = _fused.step_coeffs(
+        "flow_euler", "flow_prediction", sigma=check_number("sigma", sigma),
+        sigma_next=check_number("sigma_next", sigma_next), sde=check_flag("stochastic", stochastic),
+    )
     return _run(coeffs, model_output, sample, guidance_scale=guidance_scale, noise=noise, seed=seed, offset=offset,
                 out=out, return_pred_original=return_pred_original, guidance_rescale=guidance_rescale)
 
@@ -195,19 +206,22 @@ def flow_euler_step(
 def _clip(clip_sample_range: float | None) -> float:
     if clip_sample_range is None:
         return 0.0
+    clip_sample_range = check_number("clip_sample_range", clip_sample_range)
     if not clip_sample_range > 0:
         raise ValueError(f"clip_sample_range must be > 0 or None, got {clip_sample_range!r}")
-    return float(clip_sample_range)
+    return clip_sample_range
 
 
 def _threshold(ratio: float | None, sample_max_value: float, clip_sample_range: float | None) -> tuple[float, float]:
     """(threshold_ratio, threshold_max) of the op: (0, 1) when dynamic thresholding is off."""
     if ratio is None:
         return (0.0, 1.0)
+    ratio = check_number("dynamic_thresholding_ratio", ratio)
+    sample_max_value = check_number("sample_max_value", sample_max_value)
     if not 0 < ratio <= 1:
         raise ValueError(f"dynamic_thresholding_ratio must be in (0, 1] or None, got {ratio!r}")
     if not sample_max_value >= 1:
         raise ValueError(f"sample_max_value must be >= 1, got {sample_max_value!r}")
     if clip_sample_range is not None:
         raise ValueError("pass clip_sample_range or dynamic_thresholding_ratio, not both (diffusers thresholds first)")
-    return (float(ratio), float(sample_max_value))
+    return (ratio, sample_max_value)
