@@ -91,6 +91,42 @@ def test_capacity_checked_before_any_write():
                            rotary_cos=cos, rotary_sin=sin)
 
 
+def test_paged_kv_cache_bookkeeping_and_bad_input():
+    """Pages are handed out and returned exactly; a request that cannot be met changes nothing;
+    unknown ids, negative or non-integer counts and wrong option types are named."""
+    cache = gk.PagedKVCache(num_pages=4, page_size=16, heads_kv=1, head_dim=32)
+    a = cache.allocate(20)  # 2 pages
+    assert cache.num_free_pages == 2 and cache.block_table([a]).shape == (1, 2)
+    with pytest.raises(MemoryError, match="needs 3 pages, 2 are free"):
+        cache.allocate(40)
+    assert cache.num_free_pages == 2  # the failed allocation took no pages and left no sequence
+    b = cache.allocate()
+    assert b == a + 1 and cache.length(b) == 0
+    cache.extend(b, 32)
+    assert cache.num_free_pages == 0
+    with pytest.raises(MemoryError):
+        cache.extend(a, 33)
+    cache.free(a)
+    assert cache.num_free_pages == 2
+    for call, err, match in ((lambda: cache.free(a), KeyError, "no sequence"),
+                             (lambda: cache.extend(99, 1), KeyError, "no sequence 99"),
+                             (lambda: cache.block_table([b, 7]), KeyError, "no sequence 7"),
+                             (lambda: cache.extend(b, -1), ValueError, "num_new_tokens must be >= 0"),
+                             (lambda: cache.allocate(-3), ValueError, "num_tokens must be >= 0"),
+                             (lambda: cache.allocate(2.5), TypeError, "num_tokens must be an int"),
+                             (lambda: gk.PagedKVCache(4.0, 16, 1, 32), TypeError, "num_pages must be an int"),
+                             (lambda: gk.PagedKVCache(4, 12, 1, 32), ValueError, "page_size must be a power of two"),
+                             (lambda: gk.PagedKVCache(4, 16, 0, 32), ValueError, "heads_kv and head_dim")):
+        with pytest.raises(err, match=match):
+            call()
+    assert cache.num_free_pages == 2
+    x, cos, sin = torch.randn(1, 1, 1, 32), torch.randn(4, 16), torch.randn(4, 16)
+    with pytest.raises(TypeError, match="interleaved must be a bool"):
+        gk.apply_rotary(x, cos, sin, torch.zeros(1, 1, dtype=torch.int32), interleaved="no")
+    with pytest.raises(TypeError, match="rotary_interleaved must be a bool"):
+        cache.append([b], x, x, rotary_cos=cos, rotary_sin=sin, rotary_interleaved="no")
+
+
 def test_append_rope_then_decode_equals_prefill():
     """Keys appended with RoPE token by token, queries rotated with apply_rotary: decode equals
     the reference attention over rotated keys of the whole sequence."""

@@ -9,10 +9,12 @@ from ``rotary_dim`` on pass through. The math is fp32, rounded once to the tenso
 """
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from . import _native
-from ._checks import FLOAT_DTYPES, check_same_device, check_shape, check_tensor
+from ._checks import FLOAT_DTYPES, check_flag, check_int, check_same_device, check_shape, check_tensor
 from .decode import check_cache
 
 
@@ -40,7 +42,8 @@ def append_kv_cache(
     nothing of it is written and its ``cache_seqlens`` entry is not advanced (compare
     ``cache_seqlens`` with the expected lengths to detect it). Other sequences are appended."""
     torch.ops.genkernels.append_kv_cache(
-        k_new, v_new, k_cache, v_cache, cache_seqlens, block_table, rotary_cos, rotary_sin, bool(rotary_interleaved)
+        k_new, v_new, k_cache, v_cache, cache_seqlens, block_table, rotary_cos, rotary_sin,
+        check_flag("rotary_interleaved", rotary_interleaved),
     )
 
 
@@ -52,7 +55,7 @@ def apply_rotary(
     (token ``s`` at ``positions[b] + s``, e.g. ``cache_seqlens`` before the append). Returns a
     new contiguous tensor. Positions outside ``[0, cos.shape[0])`` raise ``ValueError`` on the
     CPU; on CUDA (not checked on the host, that would synchronise) their rows come out NaN."""
-    return torch.ops.genkernels.apply_rotary(x, cos, sin, positions, bool(interleaved))
+    return torch.ops.genkernels.apply_rotary(x, cos, sin, positions, check_flag("interleaved", interleaved))
 
 
 # ------------------------------------------------------------------ implementation
@@ -156,10 +159,14 @@ class PagedKVCache:
 
     def __init__(self, num_pages: int, page_size: int, heads_kv: int, head_dim: int, *,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):  # fmt: skip
+        num_pages, page_size = check_int("num_pages", num_pages), check_int("page_size", page_size)
+        heads_kv, head_dim = check_int("heads_kv", heads_kv), check_int("head_dim", head_dim)
         if page_size < 1 or page_size & (page_size - 1):
             raise ValueError(f"page_size must be a power of two, got {page_size}")
         if num_pages < 1:
             raise ValueError(f"num_pages must be >= 1, got {num_pages}")
+        if heads_kv < 1 or head_dim < 1:
+            raise ValueError(f"heads_kv and head_dim must be >= 1, got {heads_kv} and {head_dim}")
         self.page_size = page_size
         self.k = torch.zeros((num_pages, page_size, heads_kv, head_dim), dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
@@ -172,17 +179,31 @@ class PagedKVCache:
     def num_free_pages(self) -> int:
         return len(self._free)
 
+    def _seq_pages(self, seq: int) -> list[int]:
+        pages = self._pages.get(seq) if isinstance(seq, numbers.Integral) and not isinstance(seq, bool) else None
+        if pages is None:
+            raise KeyError(f"PagedKVCache: no sequence {seq!r} (ids come from allocate(); freed ones are gone)")
+        return pages
+
     def allocate(self, num_tokens: int = 0) -> int:
-        """Starts an empty sequence with room for `num_tokens`; returns its id."""
+        """Starts an empty sequence with room for `num_tokens`; returns its id. Raises
+        MemoryError, allocating nothing, when the free pages do not suffice."""
+        num_tokens = check_int("num_tokens", num_tokens)
+        if num_tokens < 0:
+            raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
+        need = -(-num_tokens // self.page_size)
+        if need > len(self._free):
+            raise MemoryError(f"PagedKVCache: a sequence of {num_tokens} tokens needs {need} pages, "
+                              f"{len(self._free)} are free")  # fmt: skip
         seq = self._next_id
         self._next_id += 1
-        self._pages[seq], self._lengths[seq] = [], 0
-        self.reserve(seq, num_tokens)
+        self._pages[seq], self._lengths[seq] = [self._free.pop() for _ in range(need)], 0
         return seq
 
     def reserve(self, seq: int, num_tokens: int) -> None:
         """Makes room for `num_tokens` tokens in total (pages are added, never removed)."""
-        pages = self._pages[seq]
+        pages = self._seq_pages(seq)
+        num_tokens = check_int("num_tokens", num_tokens)
         need = -(-num_tokens // self.page_size) - len(pages)
         if need > len(self._free):
             raise MemoryError(f"PagedKVCache: sequence {seq} needs {need} more pages, {len(self._free)} are free")
@@ -190,22 +211,28 @@ class PagedKVCache:
 
     def extend(self, seq: int, num_new_tokens: int) -> None:
         """Makes room for `num_new_tokens` more tokens after the sequence's current length."""
+        self._seq_pages(seq)
+        num_new_tokens = check_int("num_new_tokens", num_new_tokens)
+        if num_new_tokens < 0:
+            raise ValueError(f"num_new_tokens must be >= 0, got {num_new_tokens}")
         self.reserve(seq, self._lengths[seq] + num_new_tokens)
 
     def free(self, seq: int) -> None:
-        self._free.extend(reversed(self._pages.pop(seq)))
-        del self._lengths[seq]
+        self._free.extend(reversed(self._seq_pages(seq)))
+        del self._pages[seq], self._lengths[seq]
 
     def length(self, seq: int) -> int:
+        self._seq_pages(seq)
         return self._lengths[seq]
 
     def block_table(self, seqs: list[int]) -> torch.Tensor:
-        width = max([len(self._pages[s]) for s in seqs] + [1])
-        rows = [self._pages[s] + [0] * (width - len(self._pages[s])) for s in seqs]
+        pages = [self._seq_pages(s) for s in seqs]
+        width = max([len(p) for p in pages] + [1])
+        rows = [p + [0] * (width - len(p)) for p in pages]
         return torch.tensor(rows, dtype=torch.int32, device=self.k.device)
 
     def seqlens(self, seqs: list[int]) -> torch.Tensor:
-        return torch.tensor([self._lengths[s] for s in seqs], dtype=torch.int32, device=self.k.device)
+        return torch.tensor([self.length(s) for s in seqs], dtype=torch.int32, device=self.k.device)
 
     def append(self, seqs: list[int], k_new: torch.Tensor, v_new: torch.Tensor, **rotary) -> None:
         """Appends ``(len(seqs), seqlen_new, heads_kv, head_dim)`` keys/values (allocating pages)."""
