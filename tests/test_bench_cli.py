@@ -44,3 +44,6 @@ def test_list_and_unknown_name():
     assert "merge_attention_states/2x(1,1,32,128)/fp32" in r.stdout
     bad = _bench("no_such_suite", "--list")
     assert bad.returncode == 2 and "no benchmark case matches 'no_such_suite'" in bad.stderr
+    for flag, value in (("--repeats", "0"), ("--repeats", "-3"), ("--threads", "0")):
+        bad = _bench("merge", flag, value)  # rejected before anything is measured
+        assert bad.returncode == 2 and f"{flag} must be at least 1" in bad.stderr, (flag, value, bad.stderr)

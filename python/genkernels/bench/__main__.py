@@ -25,6 +25,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, help="CPU threads of torch and genkernels (default: torch's)")
     args = ap.parse_args(argv)
 
+    if args.repeats is not None and args.repeats < 1:
+        ap.error("--repeats must be at least 1")
+    if args.threads is not None and args.threads < 1:
+        ap.error("--threads must be at least 1")
     try:
         cases = registry.select(args.names, quick=args.quick)
     except ValueError as e:
@@ -36,15 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     if not cases:
         print("no benchmark case selected", file=sys.stderr)
         return 1
-    repeats = args.repeats or (5 if args.quick else 10)
-    if repeats < 1:
-        ap.error("--repeats must be at least 1")
+    repeats = args.repeats if args.repeats is not None else (5 if args.quick else 10)
 
     import genkernels
 
     if args.threads is not None:
-        if args.threads < 1:
-            ap.error("--threads must be at least 1")
         torch.set_num_threads(args.threads)  # genkernels follows torch.get_num_threads()
     device = runner.default_device()
     machine = genkernels.info()
