@@ -73,6 +73,21 @@ def test_empty_cache_gives_zero_and_minus_inf():
     check(q, k, v, lens)
 
 
+def test_cache_without_tokens():
+    """A cache with no room at all (capacity 0, or an empty page pool: tensors without storage)
+    is a valid empty cache: output 0 and LSE -inf; a length that would read a token still raises
+    (above the capacity, or through a page index outside the empty pool)."""
+    q = torch.randn(2, 1, 4, 64)
+    lens = torch.zeros(2, dtype=torch.int32)
+    contiguous = (torch.randn(2, 0, 2, 64), torch.randn(2, 0, 2, 64), None)
+    paged = (torch.randn(0, 16, 2, 64), torch.randn(0, 16, 2, 64), torch.zeros(2, 1, dtype=torch.int32))
+    for k, v, table in (contiguous, paged):
+        out, lse = gk.decode_attention(q, k, v, lens, block_table=table, return_lse=True)
+        assert torch.equal(out, torch.zeros_like(out)) and torch.isneginf(lse).all()
+        with pytest.raises(ValueError, match="capacity" if table is None else "block_table"):
+            gk.decode_attention(q, k, v, torch.tensor([0, 1], dtype=torch.int32), block_table=table)
+
+
 @pytest.mark.parametrize("window", [(-1, -1), (5, -1), (0, 0), (3, 2)])
 @pytest.mark.parametrize("causal", [True, False])
 def test_window_and_causal(window, causal):

@@ -100,3 +100,13 @@ def test_mma_masks_softcap_alibi(num_splits):
     check(q, k, v, lens, table, causal=False, window=(3, 2), num_splits=num_splits)
     check(q, k, v, lens, table, causal=False, alibi_slopes=torch.rand(3, 8, generator=g), num_splits=num_splits)
     check(q.half(), k.half(), v.half(), lens, table, softmax_scale=0.3, window=(17, -1), num_splits=num_splits)
+
+
+def test_cache_without_tokens():
+    """Capacity 0 / an empty page pool (no storage, null K and V): output 0, LSE -inf."""
+    q = torch.randn(2, 1, 4, 64)
+    lens = torch.zeros(2, dtype=torch.int32)
+    for k, table in ((torch.randn(2, 0, 2, 64), None), (torch.randn(0, 16, 2, 64), torch.zeros(2, 1, dtype=torch.int32))):
+        with emulate_cuda():
+            out, lse = gk.decode_attention(q, k, k.clone(), lens, block_table=table, return_lse=True)
+        assert torch.equal(out, torch.zeros_like(out)) and torch.isneginf(lse).all()

@@ -258,7 +258,11 @@ void decode_attention(int device, int dtype, uintptr_t q, int64_t q_sb, int64_t 
   p.scale = float(scale), p.softcap = float(softcap), p.causal = causal;
   p.window_left = window_left, p.window_right = window_right;
   if (batch == 0 || seqlen_q == 0) return;
-  GK_REQUIRE(p.q && p.k && p.v && p.out && p.cache_seqlens, "decode_attention: null pointer");
+  // A cache that holds no token (capacity 0, or an empty page pool) may come with null K and V:
+  // every length must then be 0 (checked below on the host; the CUDA kernel guards), so no row
+  // is ever read.
+  const bool empty_cache = block_table ? num_pages == 0 : capacity == 0;
+  GK_REQUIRE(p.q && p.out && p.cache_seqlens && ((p.k && p.v) || empty_cache), "decode_attention: null pointer");
   if (host_checks_indices(dev))
     check_cache_indices("decode_attention", p.cache_seqlens, batch, 0, capacity, p.block_table, bt_stride, page_size, num_pages);
   void* s = as_ptr<void>(stream);
