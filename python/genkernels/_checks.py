@@ -4,6 +4,7 @@ reaches native code. They only read metadata, so they work on fake tensors under
 ``torch.compile`` and never synchronise a GPU."""
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Iterable, Sequence
 
@@ -71,6 +72,23 @@ def check_int(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {value!r}")
     return int(value)
+
+
+def check_softmax_scale(value: object) -> float:
+    """An explicit ``softmax_scale`` (attention ops; None is resolved by the caller): a finite
+    int or float. NaN or inf would turn every score into NaN."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"softmax_scale must be a finite float or None, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"softmax_scale must be a finite float or None, got {value!r}")
+    return float(value)
+
+
+def check_softcap(softcap: float) -> None:
+    """``softcap`` of the attention ops (already a float): 0 (none) or a finite cap. NaN fails
+    too; an infinite cap would give inf * tanh(s / inf) = inf * 0 = NaN scores."""
+    if not 0.0 <= softcap < math.inf:
+        raise ValueError(f"softcap must be a finite float >= 0 (0: none), got {softcap}")
 
 
 def require_tensors(**args: object) -> None:

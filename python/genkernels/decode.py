@@ -13,7 +13,8 @@ import math
 import torch
 
 from . import _native
-from ._checks import FLOAT_DTYPES, check_flag, check_number, check_same_device, check_same_dtype, check_shape, check_tensor
+from ._checks import (FLOAT_DTYPES, check_flag, check_number, check_same_device, check_same_dtype, check_shape,
+                      check_softcap, check_softmax_scale, check_tensor)
 from .tools.instantiations import DECODE_HEAD_DIMS
 
 
@@ -126,11 +127,7 @@ def _resolve_scale(softmax_scale, q) -> float:
         if q.shape[-1] == 0:
             raise ValueError("q has head_dim 0; it must be at least 1")
         return q.shape[-1] ** -0.5
-    if not isinstance(softmax_scale, (int, float)) or isinstance(softmax_scale, bool):
-        raise TypeError(f"softmax_scale must be a finite float or None, got {softmax_scale!r}")
-    if not math.isfinite(softmax_scale):
-        raise ValueError(f"softmax_scale must be a finite float or None, got {softmax_scale!r}")
-    return float(softmax_scale)
+    return check_softmax_scale(softmax_scale)
 
 
 def check_cache(
@@ -191,8 +188,7 @@ def _validate(q, k_cache, v_cache, cache_seqlens, block_table, window_left, wind
         raise ValueError(f"heads_q ({heads_q}) must be a multiple of the cache's heads_kv ({heads_kv})")
     if window_left < -1 or window_right < -1:
         raise ValueError(f"window entries must be >= -1, got ({window_left}, {window_right})")
-    if not 0 <= softcap < math.inf:  # NaN fails too; an infinite cap would give inf * 0 = NaN scores
-        raise ValueError(f"softcap must be a finite float >= 0 (0: none), got {softcap}")
+    check_softcap(softcap)
     if alibi_slopes is not None:
         check_tensor("alibi_slopes", alibi_slopes, dtypes=(torch.float32,), contiguous=True)
         if tuple(alibi_slopes.shape) not in ((heads_q,), (batch, heads_q)):

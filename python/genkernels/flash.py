@@ -16,13 +16,13 @@ are new contiguous tensors. CPU: float32, float16, bfloat16, head_dim any multip
 """
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
 
 from . import _native
-from ._checks import FLOAT_DTYPES, check_flag, check_number, check_same_device, check_same_dtype, check_tensor, require_tensors
+from ._checks import (FLOAT_DTYPES, check_flag, check_number, check_same_device, check_same_dtype, check_softcap,
+                      check_softmax_scale, check_tensor, require_tensors)
 from .tools.instantiations import FLASH_HEAD_DIMS
 
 MAX_HEAD_DIM = 256
@@ -123,11 +123,7 @@ def _window(window: Sequence[int]) -> tuple[int, int]:
 def _scale(softmax_scale: float | None, q: torch.Tensor) -> float:
     if softmax_scale is None:
         return float(q.shape[-1]) ** -0.5 if q.dim() > 0 and q.shape[-1] > 0 else 1.0
-    if not isinstance(softmax_scale, (int, float)) or isinstance(softmax_scale, bool):
-        raise TypeError(f"softmax_scale must be a finite float or None, got {softmax_scale!r}")
-    if not math.isfinite(softmax_scale):  # NaN or inf would turn every score into NaN
-        raise ValueError(f"softmax_scale must be a finite float or None, got {softmax_scale!r}")
-    return float(softmax_scale)
+    return check_softmax_scale(softmax_scale)
 
 
 def _check_common(q, k, v, window_left, window_right, softcap, alibi_slopes, batch, ndim) -> None:
@@ -148,8 +144,7 @@ def _check_common(q, k, v, window_left, window_right, softcap, alibi_slopes, bat
         raise ValueError(f"q has {hq} heads, not a multiple of the {hkv} heads of k and v (GQA needs heads_q % heads_kv == 0)")
     if window_left < -1 or window_right < -1:
         raise ValueError(f"window must be >= -1 on both sides (-1: unbounded), got ({window_left}, {window_right})")
-    if not 0.0 <= softcap < math.inf:  # NaN fails too; an infinite cap would give inf * 0 = NaN scores
-        raise ValueError(f"softcap must be a finite float >= 0 (0: none), got {softcap}")
+    check_softcap(softcap)
     if alibi_slopes is not None:
         check_tensor("alibi_slopes", alibi_slopes, dtypes=(torch.float32,), last_dim_contiguous=True)
         if tuple(alibi_slopes.shape) not in ((hq,), (batch, hq)):

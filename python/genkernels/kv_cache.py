@@ -211,11 +211,11 @@ class PagedKVCache:
 
     def extend(self, seq: int, num_new_tokens: int) -> None:
         """Makes room for `num_new_tokens` more tokens after the sequence's current length."""
-        self._seq_pages(seq)
+        length = self.length(seq)
         num_new_tokens = check_int("num_new_tokens", num_new_tokens)
         if num_new_tokens < 0:
             raise ValueError(f"num_new_tokens must be >= 0, got {num_new_tokens}")
-        self.reserve(seq, self._lengths[seq] + num_new_tokens)
+        self.reserve(seq, length + num_new_tokens)
 
     def free(self, seq: int) -> None:
         self._free.extend(reversed(self._seq_pages(seq)))
