@@ -125,6 +125,13 @@ Scratch& thread_scratch(int64_t rows, int64_t dp) {
 // and +8-40% from DRAM; AVX-512 bf16 +0-15% from DRAM, fp32 +2-9% while the machine's bandwidth
 // was high and -4-7% while it was low, in interleaved runs at two threads.) kLocality is
 // __builtin_prefetch's: 3 = PREFETCHT0 (into L1), 2 = PREFETCHT1 (into L2) on x86.
+// The loop costs ~7 instructions a line: about half of the AVX-512 work item's K and V loops at
+// 4 lines a step (GQA groups of 4). A step of exactly 4 lines as straight-line code with one
+// end-of-row check (the same lines, ~half the instructions) is faster while the cache is on chip
+// and slower from DRAM, where it matters: interleaved, both orders, one thread in L2 fp32 +10%,
+// paged fp32 +30%; two threads in L3 +8% / +30%; two threads from DRAM (sum 44-59 GB/s)
+// contiguous -2..-12%, paged -13..-28%. One line before each token's FMAs instead (spread over
+// the step, no loop): L2 and L3 within 3%, DRAM within the A/B position effect. Kept the loop.
 template <int kLocality>
 struct RowPrefetcher {
   const char* base = nullptr;
