@@ -127,6 +127,28 @@ def test_paged_kv_cache_bookkeeping_and_bad_input():
         cache.append([b], x, x, rotary_cos=cos, rotary_sin=sin, rotary_interleaved="no")
 
 
+def test_paged_kv_cache_append_is_all_or_nothing():
+    """A batch append that cannot be met (too few pages for the whole batch, a repeated or unknown
+    id, a batch of the wrong size) raises before any sequence grows; repeated ids would have had
+    two rows write one slot and the length advance twice."""
+    cache = gk.PagedKVCache(num_pages=3, page_size=4, heads_kv=1, head_dim=32)
+    a, b = cache.allocate(), cache.allocate()
+    kv = torch.randn(2, 5, 1, 32)  # 2 pages per sequence: 4 needed, 3 free
+    with pytest.raises(MemoryError, match="needs 4 more pages, 3 are free"):
+        cache.append([a, b], kv, kv)
+    assert cache.num_free_pages == 3 and cache.block_table([a, b]).shape == (2, 1)
+    for seqs, x, err, match in (([a, a], kv, ValueError, r"distinct .* got \[0\] more than once"),
+                                ([a, 9], kv, KeyError, "no sequence 9"),
+                                ([a], kv, ValueError, r"k_new must be \(len\(seqs\)=1")):
+        with pytest.raises(err, match=match):
+            cache.append(seqs, x, x)
+        assert cache.num_free_pages == 3 and cache.length(a) == cache.length(b) == 0
+    cache.append([a, b], kv[:, :4], kv[:, :4])  # fits: one page each
+    assert cache.num_free_pages == 1 and cache.length(a) == cache.length(b) == 4
+    got = ref.gather_kv(cache.k, 4, 1, cache.block_table([a, b]))
+    torch.testing.assert_close(got, kv[1, :4], rtol=0, atol=0)
+
+
 def test_append_rope_then_decode_equals_prefill():
     """Keys appended with RoPE token by token, queries rotated with apply_rotary: decode equals
     the reference attention over rotated keys of the whole sequence."""

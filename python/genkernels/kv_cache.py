@@ -235,9 +235,24 @@ class PagedKVCache:
         return torch.tensor([self.length(s) for s in seqs], dtype=torch.int32, device=self.k.device)
 
     def append(self, seqs: list[int], k_new: torch.Tensor, v_new: torch.Tensor, **rotary) -> None:
-        """Appends ``(len(seqs), seqlen_new, heads_kv, head_dim)`` keys/values (allocating pages)."""
+        """Appends ``(len(seqs), seqlen_new, heads_kv, head_dim)`` keys/values (allocating pages).
+        All or nothing: unknown or repeated ids, or too few free pages for the whole batch, raise
+        before any page is taken."""
+        if len(set(seqs)) != len(seqs):
+            dup = sorted({s for s in seqs if seqs.count(s) > 1})
+            raise ValueError(f"PagedKVCache.append: sequence ids must be distinct (row b writes sequence "
+                             f"seqs[b]), got {dup} more than once")  # fmt: skip
+        check_tensor("k_new", k_new, ndim=4, dtypes=FLOAT_DTYPES)
+        if k_new.shape[0] != len(seqs):
+            raise ValueError(f"PagedKVCache.append: k_new must be (len(seqs)={len(seqs)}, seqlen_new, heads_kv, "
+                             f"head_dim), got {tuple(k_new.shape)}")  # fmt: skip
+        new = k_new.shape[1]
+        need = sum(max(-(-(self.length(s) + new) // self.page_size) - len(self._pages[s]), 0) for s in seqs)
+        if need > len(self._free):
+            raise MemoryError(f"PagedKVCache: appending {new} tokens to {len(seqs)} sequences needs {need} more "
+                              f"pages, {len(self._free)} are free")  # fmt: skip
         for s in seqs:
-            self.extend(s, k_new.shape[1])
+            self.extend(s, new)
         seqlens = self.seqlens(seqs)
         append_kv_cache(k_new, v_new, self.k, self.v, seqlens, block_table=self.block_table(seqs), **rotary)
         for s in seqs:
