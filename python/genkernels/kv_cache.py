@@ -179,6 +179,10 @@ class PagedKVCache:
     def num_free_pages(self) -> int:
         return len(self._free)
 
+    def _pages_for(self, num_tokens: int) -> int:
+        """Pages that hold `num_tokens` tokens."""
+        return -(-num_tokens // self.page_size)
+
     def _seq_pages(self, seq: int) -> list[int]:
         pages = self._pages.get(seq) if isinstance(seq, numbers.Integral) and not isinstance(seq, bool) else None
         if pages is None:
@@ -191,7 +195,7 @@ class PagedKVCache:
         num_tokens = check_int("num_tokens", num_tokens)
         if num_tokens < 0:
             raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
-        need = -(-num_tokens // self.page_size)
+        need = self._pages_for(num_tokens)
         if need > len(self._free):
             raise MemoryError(f"PagedKVCache: a sequence of {num_tokens} tokens needs {need} pages, "
                               f"{len(self._free)} are free")  # fmt: skip
@@ -204,7 +208,7 @@ class PagedKVCache:
         """Makes room for `num_tokens` tokens in total (pages are added, never removed)."""
         pages = self._seq_pages(seq)
         num_tokens = check_int("num_tokens", num_tokens)
-        need = -(-num_tokens // self.page_size) - len(pages)
+        need = self._pages_for(num_tokens) - len(pages)
         if need > len(self._free):
             raise MemoryError(f"PagedKVCache: sequence {seq} needs {need} more pages, {len(self._free)} are free")
         pages.extend(self._free.pop() for _ in range(max(need, 0)))
@@ -247,7 +251,7 @@ class PagedKVCache:
             raise ValueError(f"PagedKVCache.append: k_new must be (len(seqs)={len(seqs)}, seqlen_new, heads_kv, "
                              f"head_dim), got {tuple(k_new.shape)}")  # fmt: skip
         new = k_new.shape[1]
-        need = sum(max(-(-(self.length(s) + new) // self.page_size) - len(self._pages[s]), 0) for s in seqs)
+        need = sum(max(self._pages_for(self.length(s) + new) - len(self._pages[s]), 0) for s in seqs)
         if need > len(self._free):
             raise MemoryError(f"PagedKVCache: appending {new} tokens to {len(seqs)} sequences needs {need} more "
                               f"pages, {len(self._free)} are free")  # fmt: skip
@@ -256,7 +260,7 @@ class PagedKVCache:
         seqlens = self.seqlens(seqs)
         append_kv_cache(k_new, v_new, self.k, self.v, seqlens, block_table=self.block_table(seqs), **rotary)
         for s in seqs:
-            self._lengths[s] += k_new.shape[1]
+            self._lengths[s] += new
 
     def decode(self, seqs: list[int], q: torch.Tensor, **kwargs):
         """decode_attention of ``q`` ``(len(seqs), seqlen_q, heads_q, head_dim)`` over these sequences."""
