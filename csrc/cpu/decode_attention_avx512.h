@@ -5,7 +5,11 @@
 //    32 tokens, each tile in 4-token quads: the quad's keys (then values) are read head after
 //    head, four ascending runs at once. (The first version walked one head over 16 tokens, then
 //    the next head: sixteen 256-512-byte runs a page apart at a time. A plain sum over that order
-//    reads ~40% slower than over memory order on this machine's EPYC.)
+//    reads ~40% slower than over memory order on this machine's EPYC.) Scores in pure address
+//    order (token after token, heads in order: one key load, four query loads and four FMAs a
+//    line) read no faster from DRAM at one thread (fp32 contiguous +3-5%, paged and bf16 -1..-9%)
+//    and ran 16-19% slower in L2, although without the math one thread reads address order
+//    15-25% faster than this order (scripts/read_patterns/decode_order.cpp).
 //  - Prefetch. While a tile computes, the keys and values of the tokens `ahead` past the ones
 //    being read (the rest of the tile, then the first of the next) are prefetched (PREFETCHT0)
 //    a few lines per inner-loop step, spread evenly over the tile's work, in memory order; paged
@@ -21,6 +25,11 @@
 //    L3); spread prefetches raised cold-cache throughput by 1.2x (fp32) to 1.6x (bf16, paged) on
 //    this machine, and T0 measured 3-10% above T1 (L2 only). The tile after next gets one
 //    prefetch per token row to take its TLB misses early (warm_translations).
+//    At one thread from DRAM (a core at its own read limit, as in this host's fast state; 40
+//    interleaved pairs x 3, scripts/decode_ab): prefetching each line read `ahead` tokens on, in
+//    the loops' own order, instead of memory order: fp32 -15 points of the plain sum; every second
+//    line only: 43% of the sum against 75% (the hardware prefetchers do not fill the gaps); none:
+//    45%; 8 KiB ahead: the same as 16; 32 KiB: -3..-9 points.
 //  - Scores. Query rows sit on SIMD lanes (S^T: token x row, as in the flash kernel): a 4-token
 //    x 4-row block of dot products accumulates in 16 registers and one transpose reduction
 //    turns it into 16 scores. Rows are flattened over (kv head, seqlen_q, group); when a head

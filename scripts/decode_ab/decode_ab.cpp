@@ -31,6 +31,9 @@
 // (probing every second; after 10 minutes of waiting in all, stop waiting and say so). This
 // host reads 45-50 GB/s most of the time and 75-83 for a few minutes now and then; a kernel
 // change can win in one state and lose in the other.
+// One thread from DRAM (THREADS 1, SUM=1) stands in for the fast state without the wait: a core
+// then reads at its own limit, as both do in the fast state, and the kernel's % of the plain sum
+// matches (72-80% at one thread, 2026-11-23; 73-76% of torch.sum in fast-state benchmark rows).
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
