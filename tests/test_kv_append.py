@@ -91,6 +91,49 @@ def test_capacity_checked_before_any_write():
                            rotary_cos=cos, rotary_sin=sin)
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_append_rejects_writes_into_one_slot(mode):
+    """Block tables may share pages (a common prefix) but not the slots a call writes: two
+    sequences appending into a shared page, or a table that lists a page twice where it appends,
+    raise before anything is written. Aliased cache memory raises too."""
+    g = torch.Generator().manual_seed(3)
+    k, v = torch.randn(6, 4, 1, 64, generator=g), torch.randn(6, 4, 1, 64, generator=g)  # 6 pages of 4 tokens
+    new_k, new_v = torch.randn(2, 2, 1, 64, generator=g), torch.randn(2, 2, 1, 64, generator=g)
+    table = torch.tensor([[0, 1], [0, 2]], dtype=torch.int32)  # page 0: a prefix both sequences share
+
+    def append(lens, tbl, kn=new_k, vn=new_v):
+        with run_in(mode):
+            gk.append_kv_cache(kn, vn, k, v, lens, block_table=tbl)
+
+    lens = torch.tensor([4, 4], dtype=torch.int32)  # each appends into a page of its own
+    append(lens, table)
+    assert lens.tolist() == [6, 6]
+    assert torch.equal(k[1, :2], new_k[0]) and torch.equal(k[2, :2], new_k[1]) and torch.equal(v[2, :2], new_v[1])
+    adjacent = torch.tensor([[3, 4], [3, 5]], dtype=torch.int32)  # slots 0-1 and 2-3 of page 3: disjoint
+    lens = torch.tensor([0, 2], dtype=torch.int32)
+    append(lens, adjacent)
+    assert lens.tolist() == [2, 4] and torch.equal(k[3, :2], new_k[0]) and torch.equal(k[3, 2:], new_k[1])
+
+    k0, v0 = k.clone(), v.clone()
+    lens = torch.tensor([2, 2], dtype=torch.int32)  # both into slots 2-3 of the shared page 0
+    with pytest.raises(ValueError, match="sequences 0 and 1 would both write slot 2 of page 0"):
+        append(lens, table)
+    twice = torch.tensor([[5, 5]], dtype=torch.int32)  # tokens 1-3 -> slots 1-3, tokens 4-6 -> slots 0-2
+    lens1 = torch.tensor([1], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"sequence 0 would write slot 1 of page 5 twice \(block_table\[0\]"):
+        append(lens1, twice, torch.randn(1, 6, 1, 64), torch.randn(1, 6, 1, 64))
+    assert torch.equal(k, k0) and torch.equal(v, v0) and lens.tolist() == [2, 2] and lens1.tolist() == [1]
+
+    shared = torch.zeros(1, 8, 1, 64).expand(2, 8, 1, 64)  # one row of memory for both sequences
+    with pytest.raises(ValueError, match="k_cache has elements that share memory"):
+        gk.append_kv_cache(new_k, new_v, shared, torch.zeros(2, 8, 1, 64), torch.zeros(2, dtype=torch.int32))
+    with pytest.raises(ValueError, match="v_cache has elements that share memory"):
+        gk.append_kv_cache(new_k, new_v, torch.zeros(2, 8, 1, 64), shared, torch.zeros(2, dtype=torch.int32))
+    same = torch.zeros(2, 8, 1, 64)
+    with pytest.raises(ValueError, match="k_cache and v_cache are the same memory"):
+        gk.append_kv_cache(new_k, new_v, same, same, torch.zeros(2, dtype=torch.int32))
+
+
 def test_paged_kv_cache_bookkeeping_and_bad_input():
     """Pages are handed out and returned exactly; a request that cannot be met changes nothing;
     unknown ids, negative or non-integer counts and wrong option types are named."""

@@ -8,8 +8,10 @@
 #include <pybind11/pybind11.h>
 
 #include <omp.h>
+#include <algorithm>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "core/common.h"
 #include "core/decode_params.h"
@@ -220,6 +222,47 @@ void check_cache_indices(const char* op, const int32_t* seqlens, int64_t batch, 
   }
 }
 
+// Paged appends (host memory, after check_cache_indices): no two new tokens may land in one cache
+// slot. Block tables that share a page between sequences (a common prefix) are fine as long as
+// nobody writes into the shared part; two sequences appending into one page's same slots (a
+// shared last page not copied before the write), or one table listing a page twice where it
+// writes, would have the writes race and leave one of them, whichever came last. Checked per
+// run of a sequence's new tokens within one page: sorted by (page, first slot), a run that
+// starts before the previous runs of its page end overlaps them.
+void check_distinct_write_slots(const int32_t* seqlens, int64_t batch, int64_t seqlen_new, const int32_t* block_table,
+                                int64_t bt_stride, int64_t page_size) {
+  struct Run {
+    int64_t page, lo, hi, seq;
+  };
+  std::vector<Run> runs;
+  runs.reserve(size_t(batch * ((seqlen_new + page_size - 1) / page_size + 1)));
+  for (int64_t b = 0; b < batch; ++b)
+    for (int64_t pos = seqlens[b], end = pos + seqlen_new; pos < end;) {
+      const int64_t off = pos % page_size, n = std::min(page_size - off, end - pos);
+      runs.push_back({block_table[b * bt_stride + pos / page_size], off, off + n, b});
+      pos += n;
+    }
+  std::sort(runs.begin(), runs.end(),
+            [](const Run& a, const Run& b) { return a.page != b.page ? a.page < b.page : a.lo < b.lo; });
+  for (size_t i = 1, last = 0; i < runs.size(); ++i) {  // last: the run of this page that ends latest so far
+    if (runs[i].page != runs[last].page) {
+      last = i;
+      continue;
+    }
+    GK_REQUIRE(runs[i].lo >= runs[last].hi, [&] {
+      const int64_t s0 = std::min(runs[last].seq, runs[i].seq), s1 = std::max(runs[last].seq, runs[i].seq);
+      const std::string where = "slot " + std::to_string(runs[i].lo) + " of page " + std::to_string(runs[i].page);
+      return s0 == s1 ? "append_kv_cache: sequence " + std::to_string(s0) + " would write " + where +
+                            " twice (block_table[" + std::to_string(s0) + "] lists that page more than once where it appends)"
+                      : "append_kv_cache: sequences " + std::to_string(s0) + " and " + std::to_string(s1) +
+                            " would both write " + where +
+                            " (their block_table rows share that page where they append; copy a shared page before "
+                            "writing into it)";
+    }());
+    if (runs[i].hi > runs[last].hi) last = i;
+  }
+}
+
 void decode_attention(int device, int dtype, uintptr_t q, int64_t q_sb, int64_t q_ss, int64_t q_sh, uintptr_t k,
                       uintptr_t v, int64_t k_s0, int64_t k_s1, int64_t k_s2, int64_t v_s0, int64_t v_s1, int64_t v_s2,
                       uintptr_t block_table, int64_t bt_stride, int64_t page_size, int64_t capacity, int64_t num_pages,
@@ -306,6 +349,7 @@ void append_kv_cache(int device, int dtype, uintptr_t k_new, uintptr_t v_new, in
   if (host_checks_indices(dev)) {
     check_cache_indices("append_kv_cache", p.cache_seqlens, batch, seqlen_new, capacity, p.block_table, bt_stride,
                         page_size, num_pages);
+    if (p.block_table) check_distinct_write_slots(p.cache_seqlens, batch, seqlen_new, p.block_table, bt_stride, page_size);
     for (int64_t b = 0; b < batch && rotary_dim; ++b)
       GK_REQUIRE(int64_t(p.cache_seqlens[b]) + seqlen_new <= rotary_positions,
               "append_kv_cache: rotary_cos/rotary_sin have " + std::to_string(rotary_positions) +

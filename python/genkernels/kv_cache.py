@@ -36,11 +36,16 @@ def append_kv_cache(
     ``cache_seqlens`` in place. Caches as in :func:`genkernels.decode_attention`.
 
     On the CPU, raises ``ValueError`` before writing anything if a sequence would exceed the
-    cache capacity (or the rotary table) or a page index it writes is outside the pool. On CUDA
-    these values live on the device and are not read by the host (that would synchronise every
-    call): the kernel checks each sequence instead, and a sequence out of range is skipped whole:
-    nothing of it is written and its ``cache_seqlens`` entry is not advanced (compare
-    ``cache_seqlens`` with the expected lengths to detect it). Other sequences are appended."""
+    cache capacity (or the rotary table), a page index it writes is outside the pool, or two new
+    tokens would land in one cache slot (``block_table`` rows may share pages, e.g. a common
+    prefix, but not where they append: copy a shared page first). On CUDA these values live on
+    the device and are not read by the host (that would synchronise every call): the kernel
+    checks each sequence's range instead, and a sequence out of range is skipped whole: nothing
+    of it is written and its ``cache_seqlens`` entry is not advanced (compare ``cache_seqlens``
+    with the expected lengths to detect it). Other sequences are appended. Writes that share a
+    slot are not detected there; which one the slot keeps is unspecified. Caches whose own
+    elements share memory (expanded views), or ``k_cache`` and ``v_cache`` at one address, raise
+    ``ValueError`` on every device."""
     torch.ops.genkernels.append_kv_cache(
         k_new, v_new, k_cache, v_cache, cache_seqlens, block_table, rotary_cos, rotary_sin,
         check_flag("rotary_interleaved", rotary_interleaved),
@@ -84,6 +89,13 @@ def _validate_append(k_new, v_new, k_cache, v_cache, cache_seqlens, block_table,
             raise TypeError(f"{name} has dtype {t.dtype} but k_cache has {k_cache.dtype}; they must match")
     if (rotary_cos is None) != (rotary_sin is None):
         raise ValueError("rotary_cos and rotary_sin must be given together")
+    # Writes through aliased memory would race (several tokens into one element). The
+    # value-dependent case, block_table rows that share a page where they append, is checked with
+    # the indices (CPU); k_cache and v_cache at one address, in append_impl.
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if torch._debug_has_internal_overlap(t) == 1:
+            raise ValueError(f"{name} has elements that share memory (an expanded or stride-0 view?); append_kv_cache "
+                             "writes into it, so it needs memory of its own")  # fmt: skip
     check_same_device(k_new=k_new, v_new=v_new, k_cache=k_cache, v_cache=v_cache, cache_seqlens=cache_seqlens,
                       block_table=block_table)  # fmt: skip
     return batch, seqlen_new, heads_kv, head_dim, capacity, page_size, num_pages
@@ -93,6 +105,8 @@ def append_impl(k_new, v_new, k_cache, v_cache, cache_seqlens, block_table, rota
     batch, seqlen_new, heads_kv, head_dim, capacity, page_size, num_pages = _validate_append(
         k_new, v_new, k_cache, v_cache, cache_seqlens, block_table, rotary_cos, rotary_sin
     )
+    if k_cache.numel() and k_cache.data_ptr() == v_cache.data_ptr():  # (fake tensors have no addresses)
+        raise ValueError("k_cache and v_cache are the same memory; append_kv_cache writes keys and values to separate caches")
     cos = sin = None
     rotary_dim = rotary_positions = 0
     if rotary_cos is not None:
