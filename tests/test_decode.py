@@ -162,6 +162,12 @@ def test_bad_input():
     k, v, table = make_cache(2, 32, 2, 64, torch.float32, 16)
     q = torch.randn(2, 1, 4, 64)
     lens = torch.tensor([32, 3], dtype=torch.int32)
+    import numpy as np  # a NumPy integer is an int option too
+
+    assert torch.equal(gk.decode_attention(q, k, v, lens, block_table=table, num_splits=np.int64(2)),
+                       gk.decode_attention(q, k, v, lens, block_table=table, num_splits=2))
+    with pytest.raises(TypeError, match="num_splits must be an int"):
+        gk.decode_attention(q, k, v, lens, block_table=table, num_splits=2.0)
     with pytest.raises(ValueError, match="block_table"):
         bad = table.clone(); bad[1, 0] = -1
         gk.decode_attention(q, k, v, lens, block_table=bad)

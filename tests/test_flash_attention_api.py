@@ -110,6 +110,14 @@ def _dense_bad_cases():
     ]
 
 
+def test_varlen_accepts_numpy_integers():
+    import numpy as np
+
+    q, k, v, cu_q, cu_k = varlen_inputs()
+    want = gk.flash_attention_varlen(q, k, v, cu_q, cu_k, 7, 5)
+    assert torch.equal(gk.flash_attention_varlen(q, k, v, cu_q, cu_k, np.int64(7), np.int32(5)), want)
+
+
 def _varlen_bad_cases():
     q, k, v, cu_q, cu_k = varlen_inputs()
     call = gk.flash_attention_varlen

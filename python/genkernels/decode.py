@@ -9,6 +9,7 @@ no key (e.g. an empty cache) gives output 0 and LSE ``-inf``.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -87,8 +88,9 @@ def decode_attention(
     window_left, window_right = _check_window(window)
     scale = _resolve_scale(softmax_scale, q)
     causal, return_lse = check_flag("causal", causal), check_flag("return_lse", return_lse)
-    if isinstance(num_splits, bool) or not isinstance(num_splits, int):
+    if isinstance(num_splits, bool) or not isinstance(num_splits, numbers.Integral):
         raise TypeError(f"num_splits must be an int in [0, 1024] (0: automatic), got {num_splits!r}")
+    num_splits = int(num_splits)  # a NumPy integer too
     args = (q, k_cache, v_cache, cache_seqlens, block_table, causal, window_left, window_right, scale,
             check_number("softcap", softcap), alibi_slopes, num_splits)  # fmt: skip
     if _plain_eager(q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes):

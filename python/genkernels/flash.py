@@ -21,8 +21,8 @@ from typing import Sequence
 import torch
 
 from . import _native
-from ._checks import (FLOAT_DTYPES, check_flag, check_number, check_same_device, check_same_dtype, check_softcap,
-                      check_softmax_scale, check_tensor, require_tensors)
+from ._checks import (FLOAT_DTYPES, check_flag, check_int, check_number, check_same_device, check_same_dtype,
+                      check_softcap, check_softmax_scale, check_tensor, require_tensors)
 from .tools.instantiations import FLASH_HEAD_DIMS
 
 MAX_HEAD_DIM = 256
@@ -102,8 +102,7 @@ def flash_attention_varlen(
 
 # ------------------------------------------------------------------ argument checks
 def _int(name: str, x: object) -> int:
-    if isinstance(x, bool) or not isinstance(x, int):
-        raise TypeError(f"{name} must be an int, got {type(x).__name__}")
+    x = check_int(name, x)  # int or NumPy integer
     if x < 0:
         raise ValueError(f"{name} must be >= 0, got {x}")
     return x
