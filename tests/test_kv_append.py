@@ -134,6 +134,46 @@ def test_append_rejects_writes_into_one_slot(mode):
         gk.append_kv_cache(new_k, new_v, same, same, torch.zeros(2, dtype=torch.int32))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("page_size", [0, 16])
+@pytest.mark.parametrize("rotary", ["none", "fp32", "bf16"])
+def test_append_fast_path_equals_op(dtype, page_size, rotary):
+    """Plain CPU calls skip the dispatcher (kv_cache._append_cpu_fast): same bits as the
+    registered op, and the fast path is really taken when it should be (float32 tables only;
+    other tables and caches that are views take the general path)."""
+    from genkernels import kv_cache
+
+    g = torch.Generator().manual_seed(5)
+    k0, v0, table = make_cache(3, 40, 2, 64, dtype, page_size)
+    lens0 = torch.tensor([0, 17, 31], dtype=torch.int32)
+    kn = torch.randn(3, 5, 4, 64, generator=g).to(dtype)[:, :, ::2]  # strided heads
+    vn = torch.randn(3, 5, 2, 64, generator=g).to(dtype)
+    cos, sin = tables(64, 32, g) if rotary != "none" else (None, None)
+    if rotary == "bf16":
+        cos, sin = cos.bfloat16(), sin.bfloat16()
+    want_k, want_v, want_lens = k0.clone(), v0.clone(), lens0.clone()
+    torch.ops.genkernels.append_kv_cache(kn, vn, want_k, want_v, want_lens, table, cos, sin, True)
+    assert want_lens.tolist() == [5, 22, 36]
+
+    k, v, lens = k0.clone(), v0.clone(), lens0.clone()
+    taken = kv_cache._append_cpu_fast(kn, vn, k, v, lens, table, cos, sin, True)
+    assert taken == (rotary != "bf16")
+    if not taken:
+        assert torch.equal(k, k0) and torch.equal(lens, lens0)  # declined: nothing written
+    k, v, lens = k0.clone(), v0.clone(), lens0.clone()
+    gk.append_kv_cache(kn, vn, k, v, lens, block_table=table, rotary_cos=cos, rotary_sin=sin, rotary_interleaved=True)
+    assert torch.equal(k, want_k) and torch.equal(v, want_v) and torch.equal(lens, want_lens)
+
+    if page_size == 0:  # caches that are views (not contiguous) take the general path and append the same
+        big_k, big_v = torch.zeros(3, 48, 2, 64, dtype=dtype), torch.zeros(3, 48, 2, 64, dtype=dtype)
+        view_k, view_v = big_k[:, :40], big_v[:, :40]
+        view_k.copy_(k0), view_v.copy_(v0)
+        lens = lens0.clone()
+        assert not kv_cache._append_cpu_fast(kn, vn, view_k, view_v, lens, None, cos, sin, True)
+        gk.append_kv_cache(kn, vn, view_k, view_v, lens, rotary_cos=cos, rotary_sin=sin, rotary_interleaved=True)
+        assert torch.equal(view_k, want_k) and torch.equal(view_v, want_v) and torch.equal(lens, want_lens)
+
+
 def test_paged_kv_cache_bookkeeping_and_bad_input():
     """Pages are handed out and returned exactly; a request that cannot be met changes nothing;
     unknown ids, negative or non-integer counts and wrong option types are named."""

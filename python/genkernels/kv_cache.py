@@ -46,6 +46,19 @@ def append_kv_cache(
     slot are not detected there; which one the slot keeps is unspecified. Caches whose own
     elements share memory (expanded views), or ``k_cache`` and ``v_cache`` at one address, raise
     ``ValueError`` on every device."""
+    # Once per layer per generated token, as decode_attention: plain eager CPU calls take
+    # _append_cpu_fast (no dispatcher, checks inline); it declines anything else, and the op
+    # then runs as registered (torch.compile, fake tensors, modes, subclasses, CUDA) and names
+    # the bad argument.
+    if (type(k_new) is _Tensor and type(v_new) is _Tensor and type(k_cache) is _Tensor and type(v_cache) is _Tensor
+            and type(cache_seqlens) is _Tensor and (block_table is None or type(block_table) is _Tensor)
+            and (rotary_cos is None or type(rotary_cos) is _Tensor) and (rotary_sin is None or type(rotary_sin) is _Tensor)
+            and type(rotary_interleaved) is bool
+            and not _native._emulating_threads and not _is_compiling() and not _dispatch_stack_len()
+            and not _function_mode_enabled()):  # fmt: skip
+        if _append_cpu_fast(k_new, v_new, k_cache, v_cache, cache_seqlens, block_table, rotary_cos, rotary_sin,
+                            rotary_interleaved):  # fmt: skip
+            return
     torch.ops.genkernels.append_kv_cache(
         k_new, v_new, k_cache, v_cache, cache_seqlens, block_table, rotary_cos, rotary_sin,
         check_flag("rotary_interleaved", rotary_interleaved),
@@ -64,6 +77,69 @@ def apply_rotary(
 
 
 # ------------------------------------------------------------------ implementation
+_Tensor = torch.Tensor
+_INT32, _FLOAT32 = torch.int32, torch.float32
+_is_compiling = torch.compiler.is_compiling
+_dispatch_stack_len = torch._C._len_torch_dispatch_stack
+_function_mode_enabled = torch._C._is_torch_function_mode_enabled
+
+
+def _append_cpu_fast(k_new, v_new, k_cache, v_cache, cache_seqlens, block_table, cos, sin, interleaved) -> bool:
+    """append_kv_cache for plain CPU tensors, with _validate_append's checks inline (one read of
+    each attribute, no helpers): 12.6 -> ~5 us a call. Returns False, having done nothing, when a
+    check fails or the call is not of that kind (append_kv_cache then takes the general path,
+    which names the bad argument). Contiguous caches only (they cannot overlap themselves);
+    rotary tables only as float32 contiguous ones (the general path converts others). The index
+    values are checked by the native code, as on the general path."""
+    nsh, ksh = k_new.shape, k_cache.shape
+    if len(nsh) != 4 or len(ksh) != 4 or v_new.shape != nsh or v_cache.shape != ksh:
+        return False
+    batch, seqlen_new, heads_kv, head_dim = nsh
+    dt = k_new.dtype
+    if (dt not in FLOAT_DTYPES or v_new.dtype != dt or k_cache.dtype != dt or v_cache.dtype != dt
+            or ksh[2] != heads_kv or ksh[3] != head_dim or heads_kv == 0 or head_dim == 0):  # fmt: skip
+        return False
+    if not (k_new.is_cpu and v_new.is_cpu and k_cache.is_cpu and v_cache.is_cpu and cache_seqlens.is_cpu):
+        return False
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()) or k_cache.data_ptr() == v_cache.data_ptr():
+        return False
+    kns, vns = k_new.stride(), v_new.stride()
+    if (kns[3] != 1 or vns[3] != 1) and head_dim > 1:
+        return False
+    if cache_seqlens.dtype != _INT32 or cache_seqlens.shape != (batch,) or cache_seqlens.stride() != (1,):
+        return False
+    if block_table is None:
+        if ksh[0] != batch:
+            return False
+        capacity, page_size, num_pages, bt_ptr, bt_stride = ksh[1], 0, 0, 0, 0
+    else:
+        bsh, bst = block_table.shape, block_table.stride()
+        page_size = ksh[1]
+        if (block_table.dtype != _INT32 or len(bsh) != 2 or bsh[0] != batch or (bst[1] != 1 and bsh[1] > 1)
+                or not block_table.is_cpu or page_size < 1 or page_size & (page_size - 1)):  # fmt: skip
+            return False
+        capacity, num_pages, bt_ptr, bt_stride = bsh[1] * page_size, ksh[0], block_table.data_ptr(), bst[0]
+    cos_ptr = sin_ptr = rotary_dim = positions = 0
+    if cos is not None or sin is not None:
+        if cos is None or sin is None:
+            return False
+        csh = cos.shape
+        if (len(csh) != 2 or sin.shape != csh or cos.dtype != _FLOAT32 or sin.dtype != _FLOAT32
+                or not (cos.is_cpu and sin.is_cpu and cos.is_contiguous() and sin.is_contiguous())
+                or not 2 <= 2 * csh[1] <= head_dim):  # fmt: skip
+            return False
+        cos_ptr, sin_ptr, rotary_dim, positions = cos.data_ptr(), sin.data_ptr(), 2 * csh[1], csh[0]
+    ks, vs = k_cache.stride(), v_cache.stride()
+    _native._C.append_kv_cache(
+        _native.DEVICE_CPU, _native.DTYPE_CODE[dt], k_new.data_ptr(), v_new.data_ptr(),
+        kns[0], kns[1], kns[2], vns[0], vns[1], vns[2], k_cache.data_ptr(), v_cache.data_ptr(),
+        ks[0], ks[1], ks[2], vs[0], vs[1], vs[2], bt_ptr, bt_stride, page_size, capacity, num_pages,
+        cache_seqlens.data_ptr(), batch, seqlen_new, heads_kv, head_dim, cos_ptr, sin_ptr, rotary_dim, positions,
+        interleaved, 0, _native.num_threads(),
+    )  # fmt: skip
+    return True
+
+
 def _check_rotary_tables(cos, sin, head_dim: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     check_tensor("rotary_cos", cos, ndim=2, dtypes=FLOAT_DTYPES)
     check_tensor("rotary_sin", sin, ndim=2, dtypes=FLOAT_DTYPES)
