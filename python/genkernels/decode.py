@@ -253,6 +253,22 @@ def decode_impl(q, k_cache, v_cache, cache_seqlens, block_table, causal, window_
 _INT32 = torch.int32
 
 
+def _plain_cache_geometry(ksh, cache_seqlens, block_table, batch: int):
+    """The fast paths' (decode, append) check of cache_seqlens and block_table against a cache of
+    shape ``ksh``, inline: ``(capacity, page_size, num_pages, block_table address, its row
+    stride)``, or None when anything is off (the general path then names it)."""
+    if cache_seqlens.dtype != _INT32 or cache_seqlens.shape != (batch,) or cache_seqlens.stride() != (1,):
+        return None
+    if block_table is None:
+        return None if ksh[0] != batch else (ksh[1], 0, 0, 0, 0)
+    bsh, bst = block_table.shape, block_table.stride()
+    page_size = ksh[1]
+    if (block_table.dtype != _INT32 or len(bsh) != 2 or bsh[0] != batch or (bst[1] != 1 and bsh[1] > 1)
+            or not block_table.is_cpu or page_size < 1 or page_size & (page_size - 1)):  # fmt: skip
+        return None
+    return bsh[1] * page_size, page_size, ksh[0], block_table.data_ptr(), bst[0]
+
+
 def _decode_cpu_fast(q, k_cache, v_cache, cache_seqlens, block_table, causal, softmax_scale, softcap, num_splits,
                      want_lse):  # fmt: skip
     """The CPU call of one decode step with every check of ``_validate`` done inline (one read of
@@ -282,19 +298,10 @@ def _decode_cpu_fast(q, k_cache, v_cache, cache_seqlens, block_table, causal, so
     qs, ks, vs = q.stride(), k_cache.stride(), v_cache.stride()
     if (qs[3] != 1 and head_dim > 1) or (ks[3] != 1 and head_dim > 1) or (vs[3] != 1 and head_dim > 1):
         return None
-    if cache_seqlens.dtype != _INT32 or cache_seqlens.shape != (batch,) or cache_seqlens.stride() != (1,):
+    geometry = _plain_cache_geometry(ksh, cache_seqlens, block_table, batch)
+    if geometry is None:
         return None
-    if block_table is None:
-        if ksh[0] != batch:
-            return None
-        capacity, page_size, num_pages, bt_ptr, bt_stride = ksh[1], 0, 0, 0, 0
-    else:
-        bsh, bst = block_table.shape, block_table.stride()
-        page_size = ksh[1]
-        if (block_table.dtype != _INT32 or len(bsh) != 2 or bsh[0] != batch or (bst[1] != 1 and bsh[1] > 1)
-                or not block_table.is_cpu or page_size < 1 or page_size & (page_size - 1)):  # fmt: skip
-            return None
-        capacity, num_pages, bt_ptr, bt_stride = bsh[1] * page_size, ksh[0], block_table.data_ptr(), bst[0]
+    capacity, page_size, num_pages, bt_ptr, bt_stride = geometry
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty((batch, heads_q, seqlen_q), dtype=torch.float32) if want_lse else None
     _native._C.decode_attention(

@@ -15,7 +15,7 @@ import torch
 
 from . import _native
 from ._checks import FLOAT_DTYPES, check_flag, check_int, check_same_device, check_shape, check_tensor
-from .decode import check_cache
+from .decode import _plain_cache_geometry, check_cache
 
 
 def append_kv_cache(
@@ -78,7 +78,7 @@ def apply_rotary(
 
 # ------------------------------------------------------------------ implementation
 _Tensor = torch.Tensor
-_INT32, _FLOAT32 = torch.int32, torch.float32
+_FLOAT32 = torch.float32
 _is_compiling = torch.compiler.is_compiling
 _dispatch_stack_len = torch._C._len_torch_dispatch_stack
 _function_mode_enabled = torch._C._is_torch_function_mode_enabled
@@ -106,19 +106,10 @@ def _append_cpu_fast(k_new, v_new, k_cache, v_cache, cache_seqlens, block_table,
     kns, vns = k_new.stride(), v_new.stride()
     if (kns[3] != 1 or vns[3] != 1) and head_dim > 1:
         return False
-    if cache_seqlens.dtype != _INT32 or cache_seqlens.shape != (batch,) or cache_seqlens.stride() != (1,):
+    geometry = _plain_cache_geometry(ksh, cache_seqlens, block_table, batch)
+    if geometry is None:
         return False
-    if block_table is None:
-        if ksh[0] != batch:
-            return False
-        capacity, page_size, num_pages, bt_ptr, bt_stride = ksh[1], 0, 0, 0, 0
-    else:
-        bsh, bst = block_table.shape, block_table.stride()
-        page_size = ksh[1]
-        if (block_table.dtype != _INT32 or len(bsh) != 2 or bsh[0] != batch or (bst[1] != 1 and bsh[1] > 1)
-                or not block_table.is_cpu or page_size < 1 or page_size & (page_size - 1)):  # fmt: skip
-            return False
-        capacity, num_pages, bt_ptr, bt_stride = bsh[1] * page_size, ksh[0], block_table.data_ptr(), bst[0]
+    capacity, page_size, num_pages, bt_ptr, bt_stride = geometry
     cos_ptr = sin_ptr = rotary_dim = positions = 0
     if cos is not None or sin is not None:
         if cos is None or sin is None:
