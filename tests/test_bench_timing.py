@@ -165,6 +165,28 @@ def test_decode_cases_carry_the_read_probe_and_contiguous_refs():
     torch.testing.assert_close(out, paged.genkernels(q, kp, vp, lens, table, k, v), rtol=0, atol=0)
 
 
+def test_append_and_rotary_cases_compare_like_with_like():
+    """The append_kv_cache / apply_rotary baselines do what the ops do (same cache contents and
+    lengths; the rotation within fp32 rounding), and a repeated call starts from the same lengths."""
+    cases = registry.select(["append_kv_cache", "apply_rotary"])
+    assert {c.op for c in cases} == {"append_kv_cache", "apply_rotary"} and len(cases) == 12
+    for case in cases:
+        args = case.make_inputs(torch.device("cpu"), torch.Generator().manual_seed(0))
+        clone = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
+        rtol = 2**-7 if case.dtype == torch.bfloat16 else 0  # one fp32 rounding apart can be one bf16 step
+        if case.op == "apply_rotary":
+            torch.testing.assert_close(case.genkernels(*args).float(), case.baseline(*clone).float(), rtol=rtol, atol=1e-5)
+            continue
+        for _ in range(2):
+            case.genkernels(*args)
+            case.baseline(*clone)
+        k_new, v_new, k_cache, v_cache, lens, lens0 = args[:6]
+        assert torch.equal(lens, clone[4]) and torch.equal(lens, lens0 + k_new.shape[1]), case.name
+        assert torch.equal(v_cache, clone[3]) and v_cache.count_nonzero() == v_new.count_nonzero(), case.name
+        torch.testing.assert_close(k_cache.float(), clone[2].float(), rtol=rtol, atol=1e-5)
+        assert case.bytes_moved == 2 * (k_new.numel() + v_new.numel()) * k_new.element_size()
+
+
 def test_bench_runs_summary():
     """scripts/bench_runs.py: per case, the median over runs of each figure, with its range."""
     import importlib.util

@@ -174,6 +174,31 @@ def test_append_fast_path_equals_op(dtype, page_size, rotary):
         assert torch.equal(view_k, want_k) and torch.equal(view_v, want_v) and torch.equal(lens, want_lens)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_fast_path_equals_op(dtype):
+    """apply_rotary's plain CPU calls skip the dispatcher (kv_cache._rotary_cpu_fast): same bits
+    as the registered op; taken for int32 positions ((batch, seqlen), or (batch,) for one
+    token) and float32 tables, declined (general path, same result) otherwise."""
+    from genkernels import kv_cache
+
+    g = torch.Generator().manual_seed(6)
+    cos, sin = tables(64, 48, g)
+    x = torch.randn(3, 4, 6, 64, generator=g).to(dtype)[:, :, ::2]  # strided heads
+    pos2 = torch.randint(0, 64, (3, 4), generator=g, dtype=torch.int32)
+    start = torch.tensor([0, 9, 60], dtype=torch.int32)
+    for xx, pos, taken in ((x, pos2, True), (x, pos2.t().contiguous().t(), True), (x[:, :1], start, True),
+                           (x, start, False), (x, pos2.long(), False)):  # fmt: skip
+        want = torch.ops.genkernels.apply_rotary(xx, cos, sin, pos, True)
+        fast = kv_cache._rotary_cpu_fast(xx, cos, sin, pos, True)
+        assert (fast is not None) == taken
+        if taken:
+            assert torch.equal(fast, want)
+        assert torch.equal(gk.apply_rotary(xx, cos, sin, pos, interleaved=True), want)
+    assert kv_cache._rotary_cpu_fast(x, cos.bfloat16(), sin.bfloat16(), pos2, False) is None
+    with pytest.raises(ValueError, match=r"positions\[2, 1\] = 64 is outside"):
+        gk.apply_rotary(x, cos, sin, pos2.clone().index_put_((torch.tensor(2), torch.tensor(1)), torch.tensor(64, dtype=torch.int32)))
+
+
 def test_paged_kv_cache_bookkeeping_and_bad_input():
     """Pages are handed out and returned exactly; a request that cannot be met changes nothing;
     unknown ids, negative or non-integer counts and wrong option types are named."""

@@ -73,15 +73,61 @@ def apply_rotary(
     (token ``s`` at ``positions[b] + s``, e.g. ``cache_seqlens`` before the append). Returns a
     new contiguous tensor. Positions outside ``[0, cos.shape[0])`` raise ``ValueError`` on the
     CPU; on CUDA (not checked on the host, that would synchronise) their rows come out NaN."""
+    if (type(x) is _Tensor and type(cos) is _Tensor and type(sin) is _Tensor and type(positions) is _Tensor
+            and type(interleaved) is bool and not _native._emulating_threads and not _is_compiling()
+            and not _dispatch_stack_len() and not _function_mode_enabled()):  # fmt: skip
+        out = _rotary_cpu_fast(x, cos, sin, positions, interleaved)  # see append_kv_cache
+        if out is not None:
+            return out
     return torch.ops.genkernels.apply_rotary(x, cos, sin, positions, check_flag("interleaved", interleaved))
 
 
 # ------------------------------------------------------------------ implementation
 _Tensor = torch.Tensor
-_FLOAT32 = torch.float32
+_INT32, _FLOAT32 = torch.int32, torch.float32
 _is_compiling = torch.compiler.is_compiling
 _dispatch_stack_len = torch._C._len_torch_dispatch_stack
 _function_mode_enabled = torch._C._is_torch_function_mode_enabled
+
+
+def _fast_tables(cos, sin, head_dim: int):
+    """(cos address, sin address, rotary_dim, positions) of float32 contiguous CPU tables of a
+    valid shape, or None (the general path converts other tables and names bad ones)."""
+    csh = cos.shape
+    if (len(csh) != 2 or sin.shape != csh or cos.dtype != _FLOAT32 or sin.dtype != _FLOAT32
+            or not (cos.is_cpu and sin.is_cpu and cos.is_contiguous() and sin.is_contiguous())
+            or not 2 <= 2 * csh[1] <= head_dim):  # fmt: skip
+        return None
+    return cos.data_ptr(), sin.data_ptr(), 2 * csh[1], csh[0]
+
+
+def _rotary_cpu_fast(x, cos, sin, positions, interleaved):
+    """apply_rotary for plain CPU tensors with the checks inline, as _append_cpu_fast: float32
+    tables, int32 positions ((batch, seqlen), or (batch,) for one token). None: not taken."""
+    xsh = x.shape
+    if len(xsh) != 4 or x.dtype not in FLOAT_DTYPES or not (x.is_cpu and positions.is_cpu):
+        return None
+    batch, seqlen, heads, head_dim = xsh
+    xs = x.stride()
+    if (xs[3] != 1 and head_dim > 1) or head_dim == 0 or positions.dtype != _INT32:
+        return None
+    psh, pst = positions.shape, positions.stride()
+    if psh == (batch, seqlen):
+        pos_sb, pos_ss = pst
+    elif psh == (batch,) and seqlen == 1:
+        pos_sb, pos_ss = pst[0], 0
+    else:
+        return None
+    tables = _fast_tables(cos, sin, head_dim)
+    if tables is None:
+        return None
+    out = torch.empty(xsh, dtype=x.dtype)
+    _native._C.apply_rotary(
+        _native.DEVICE_CPU, _native.DTYPE_CODE[x.dtype], x.data_ptr(), xs[0], xs[1], xs[2], out.data_ptr(),
+        positions.data_ptr(), pos_sb, pos_ss, *tables, interleaved, batch, seqlen, heads, head_dim, 0,
+        _native.num_threads(),
+    )  # fmt: skip
+    return out
 
 
 def _append_cpu_fast(k_new, v_new, k_cache, v_cache, cache_seqlens, block_table, cos, sin, interleaved) -> bool:
@@ -112,14 +158,10 @@ def _append_cpu_fast(k_new, v_new, k_cache, v_cache, cache_seqlens, block_table,
     capacity, page_size, num_pages, bt_ptr, bt_stride = geometry
     cos_ptr = sin_ptr = rotary_dim = positions = 0
     if cos is not None or sin is not None:
-        if cos is None or sin is None:
+        tables = None if cos is None or sin is None else _fast_tables(cos, sin, head_dim)
+        if tables is None:
             return False
-        csh = cos.shape
-        if (len(csh) != 2 or sin.shape != csh or cos.dtype != _FLOAT32 or sin.dtype != _FLOAT32
-                or not (cos.is_cpu and sin.is_cpu and cos.is_contiguous() and sin.is_contiguous())
-                or not 2 <= 2 * csh[1] <= head_dim):  # fmt: skip
-            return False
-        cos_ptr, sin_ptr, rotary_dim, positions = cos.data_ptr(), sin.data_ptr(), 2 * csh[1], csh[0]
+        cos_ptr, sin_ptr, rotary_dim, positions = tables
     ks, vs = k_cache.stride(), v_cache.stride()
     _native._C.append_kv_cache(
         _native.DEVICE_CPU, _native.DTYPE_CODE[dt], k_new.data_ptr(), v_new.data_ptr(),
