@@ -199,6 +199,39 @@ def test_rotary_fast_path_equals_op(dtype):
         gk.apply_rotary(x, cos, sin, pos2.clone().index_put_((torch.tensor(2), torch.tensor(1)), torch.tensor(64, dtype=torch.int32)))
 
 
+def test_paged_kv_cache_block_table_matches_its_pages():
+    """block_table() reads a table kept up to date as pages come and go: after a random run of
+    allocate / reserve / extend / free (more sequences and pages than the table starts with,
+    rows reused after free), every batch's table is each sequence's pages padded with page 0."""
+    import random
+
+    rng = random.Random(4)
+    cache = gk.PagedKVCache(num_pages=400, page_size=2, heads_kv=1, head_dim=8)
+    live: list[int] = []
+    for step in range(600):
+        op = rng.random()
+        if op < 0.3 and cache.num_free_pages >= 8:
+            live.append(cache.allocate(rng.randrange(0, 16)))
+        elif op < 0.6 and live:
+            s = rng.choice(live)
+            with contextlib.suppress(MemoryError):
+                cache.extend(s, rng.randrange(0, 40))
+            cache._lengths[s] = min(cache._lengths[s] + 1, len(cache._pages[s]) * 2)  # as append would
+        elif op < 0.8 and live:
+            with contextlib.suppress(MemoryError):
+                cache.reserve(rng.choice(live), rng.randrange(0, 80))
+        elif live:
+            cache.free(live.pop(rng.randrange(len(live))))
+        if live and step % 7 == 0:
+            batch = rng.sample(live, rng.randrange(1, len(live) + 1))
+            pages = [cache._pages[s] for s in batch]
+            width = max(len(p) for p in pages + [[0]])
+            want = torch.tensor([p + [0] * (width - len(p)) for p in pages], dtype=torch.int32)
+            assert torch.equal(cache.block_table(batch), want), step
+    assert len(cache._row) == len(live) and cache._table.shape[0] > 8 and cache._table.shape[1] > 16
+    assert cache.block_table([]).shape == (0, 1)
+
+
 def test_paged_kv_cache_bookkeeping_and_bad_input():
     """Pages are handed out and returned exactly; a request that cannot be met changes nothing;
     unknown ids, negative or non-integer counts and wrong option types are named."""
