@@ -15,7 +15,8 @@ import torch
 
 from . import _native
 from ._checks import FLOAT_DTYPES, check_flag, check_int, check_same_device, check_shape, check_tensor
-from .decode import _plain_cache_geometry, check_cache
+from .decode import (_INT32, _Tensor, _dispatch_stack_len, _function_mode_enabled, _is_compiling,
+                     _plain_cache_geometry, check_cache)
 
 
 def append_kv_cache(
@@ -83,11 +84,7 @@ def apply_rotary(
 
 
 # ------------------------------------------------------------------ implementation
-_Tensor = torch.Tensor
-_INT32, _FLOAT32 = torch.int32, torch.float32
-_is_compiling = torch.compiler.is_compiling
-_dispatch_stack_len = torch._C._len_torch_dispatch_stack
-_function_mode_enabled = torch._C._is_torch_function_mode_enabled
+_FLOAT32 = torch.float32  # the fast paths' aliases, as in decode.py (imported from there)
 
 
 def _fast_tables(cos, sin, head_dim: int):
