@@ -215,3 +215,20 @@ def test_bench_runs_summary():
     assert mod.reference_rate(docs[0]["rows"][0]) == pytest.approx(12.5)
     fast = mod.summarise(docs, "op", lambda r: mod.reference_rate(r) >= 10)
     assert "| op/s/fp32 | 100 | 10.0 GB/s | 2.00x | 80% of torch.sum (12 GB/s); 1.10x contiguous |" in fast
+
+
+def test_hf_cases_compare_like_with_like():
+    """The transformers-integration cases: genkernels' attention function and transformers' SDPA
+    one return the same attention on each case's inputs (the padded ones with each side's mask),
+    and the rates count the valid tokens' keys and values."""
+    pytest.importorskip("transformers")
+    cases = registry.select(["hf"])
+    assert len(cases) == 8 and {c.op for c in cases} == {"hf_decode_attention"}
+    for case in cases:
+        args = case.make_inputs(torch.device("cpu"), torch.Generator().manual_seed(0))
+        out, ref = case.genkernels(*args), case.baseline(*args)
+        tol = 2e-2 if case.dtype == torch.bfloat16 else 1e-5
+        torch.testing.assert_close(out.float(), ref.float(), rtol=tol, atol=tol, msg=case.name)
+        k, mask2d = args[2], args[4]
+        tokens = k.shape[0] * k.shape[2] if mask2d is None else int(mask2d.sum())
+        assert case.bytes_moved == 2 * tokens * k.shape[1] * k.shape[3] * k.element_size(), case.name

@@ -27,7 +27,7 @@ def run_block(marker: str) -> dict:
 
 def test_every_python_block_is_checked():
     # a new example needs a test of what it claims, not only that it runs
-    assert len(python_blocks()) == 1
+    assert len(python_blocks()) == 2
 
 
 def test_generation_loop_example():
@@ -52,3 +52,17 @@ def test_generation_loop_example():
     want, _ = reference.decode_attention(q[1:2], cache.k, cache.v, seqlens, block_table=block_table)
     base, _ = reference.decode_attention(q[1:2], cache.k, cache.v, seqlens, block_table=block_table, dtype=q.dtype)
     assert_close("README decode example", out[1:2], want, base)  # tolerance: as test_decode's
+
+
+def test_transformers_example():
+    """The example generates with attn_implementation="genkernels" what SDPA generates."""
+    pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    ns = run_block('attn_implementation="genkernels"')
+    model, tokens = ns["model"], ns["tokens"]
+    assert model.config._attn_implementation == "genkernels"
+    assert tokens.shape == (2, 12 + 16)
+    model.set_attn_implementation("sdpa")
+    want = model.generate(input_ids=ns["prompts"], attention_mask=ns["attention_mask"], max_new_tokens=16,
+                          do_sample=False, pad_token_id=0, cache_implementation="static")  # fmt: skip
+    assert torch.equal(tokens, want)
