@@ -29,7 +29,8 @@
 //    interleaved pairs x 3, scripts/decode_ab): prefetching each line read `ahead` tokens on, in
 //    the loops' own order, instead of memory order: fp32 -15 points of the plain sum; every second
 //    line only: 43% of the sum against 75% (the hardware prefetchers do not fill the gaps); every
-//    second line into L2 (T1), the others into L1: contiguous -9..-12 points; none: 45%; 8 KiB
+//    second line into L2 (T1), the others into L1: contiguous -9..-12 points; every line into L2
+//    (T1): contiguous -9..-10, paged 0..-1; PREFETCHNTA: within 2 points; none: 45%; 8 KiB
 //    ahead: the same as 16; 32 KiB: -3..-9 points.
 //  - Scores. Query rows sit on SIMD lanes (S^T: token x row, as in the flash kernel): a 4-token
 //    x 4-row block of dot products accumulates in 16 registers and one transpose reduction
