@@ -230,3 +230,24 @@ def test_padding_mask_builder():
     # a sliding layer's shorter key range: the mask's last kv_length columns (all valid here)
     assert gkt.padding_mask(2, 1, 4, attention_mask=left) is None
     assert torch.equal(gkt.padding_mask(2, 1, 5, attention_mask=left), left[:, -5:])
+
+
+@pytest.mark.parametrize("inference", [False, True])
+def test_mask_analysis_follows_in_place_edits(inference):
+    """The mask analysis and page table kept for the next layers are not reused for a mask edited
+    in place (nor for a new mask): each call equals a call with nothing kept."""
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, h, n, 16, generator=g) for h, n in ((8, 1), (2, 9), (2, 9)))
+    module = torch.nn.Module().eval()
+    with torch.inference_mode(inference):
+        mask = torch.ones(2, 9, dtype=torch.bool)
+        mask[1, :3] = False
+        first = gkt.attention_forward(module, q, k, v, mask)[0]
+        mask[1, :3] = True
+        mask[0, :5] = False  # the same object, other padding
+        second = gkt.attention_forward(module, q, k, v, mask)[0]
+        gkt._last_runs[:] = [None, None]
+        gkt._last_pages[0] = None
+        fresh = gkt.attention_forward(module, q, k, v, mask.clone())[0]
+    assert torch.equal(second, fresh)
+    assert not torch.equal(first, second)

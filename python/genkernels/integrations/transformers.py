@@ -15,10 +15,11 @@ Qwen2/3, Gemma 2/3, Phi-3, ...) then runs
   :func:`genkernels.flash_attention`, or :func:`genkernels.flash_attention_varlen` when the batch
   is padded;
 - decoding steps through :func:`genkernels.decode_attention`, which reads the model's own cache
-  tensors in place: the ``(batch, heads_kv, length, head_dim)`` layer tensors of a ``DynamicCache``
-  or ``StaticCache`` are viewed as a contiguous ``(batch, length, heads_kv, head_dim)`` cache (no
-  copy, no ``repeat_kv``); in a left-padded batch each sequence's valid keys are addressed
-  through a page table of one-token pages over the same memory.
+  tensors in place (no copy, no ``repeat_kv``): in the ``(batch, heads_kv, length, head_dim)``
+  layer tensors of a ``DynamicCache`` or ``StaticCache`` each (sequence, kv head) pair is one
+  contiguous run, passed to the kernel as a sequence with one kv head and its group of query
+  heads; in a left-padded batch each pair's valid keys are addressed through a page table of
+  one-token pages over the same memory.
 
 Semantics follow ``transformers``' FlashAttention-2 path: causal attention aligned to the
 bottom-right corner, ``sliding_window`` as ``window=(sliding_window - 1, ...)``, logit
@@ -266,11 +267,28 @@ def _decode_by_kv_head(query, key, value, span, first, end, opts):
         seqlens = torch.full((pairs,), span, dtype=torch.int32, device=query.device)
         out = decode_attention(q, k, v, seqlens, **opts)
     else:
-        lens = (end - first).repeat_interleave(heads_kv)
-        width = max(int(lens.max()), 1)
-        cols = torch.arange(width, device=query.device)
-        starts = torch.arange(pairs, device=query.device) * length + first.repeat_interleave(heads_kv)
-        table = torch.where(cols < lens[:, None], starts[:, None] + cols, 0).to(torch.int32)
-        out = decode_attention(q, k, v, lens.to(torch.int32), block_table=table, **opts)
+        lens, table = _token_pages(first, end, heads_kv, length)
+        out = decode_attention(q, k, v, lens, block_table=table, **opts)
     # (pairs, q_len, group, d) -> (batch, q_len, heads_q, d): a view for one query token
     return out.view(batch, heads_kv, q_len, group, head_dim).transpose(1, 2).reshape(batch, q_len, heads_q, head_dim)
+
+
+# The page table of the last padded batch, for the next layers (their _runs gave the same first
+# and end tensors): (first, end, (heads_kv, length), (lens, table)), replaced whole.
+_last_pages: list = [None]
+
+
+def _token_pages(first: torch.Tensor, end: torch.Tensor, heads_kv: int, length: int):
+    """int32 ``(lens, table)`` of one-token pages for the (sequence, kv head) pairs: pair p's
+    token t is page ``p * length + first[b] + t`` of the cache memory viewed as rows."""
+    memo = _last_pages[0]
+    if memo is not None and memo[0] is first and memo[1] is end and memo[2] == (heads_kv, length):
+        return memo[3]
+    pairs = first.shape[0] * heads_kv
+    lens = (end - first).repeat_interleave(heads_kv)
+    cols = torch.arange(max(int(lens.max()), 1), device=first.device)
+    starts = torch.arange(pairs, device=first.device) * length + first.repeat_interleave(heads_kv)
+    table = torch.where(cols < lens[:, None], starts[:, None] + cols, 0).to(torch.int32)
+    result = lens.to(torch.int32), table
+    _last_pages[0] = (first, end, (heads_kv, length), result)
+    return result
