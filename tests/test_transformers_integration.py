@@ -5,6 +5,8 @@ Reference: the same model in float64 with eager attention. Baseline (tolerance r
 the test dtype with SDPA, which runs every other op exactly as ours does."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -251,3 +253,65 @@ def test_mask_analysis_follows_in_place_edits(inference):
         fresh = gkt.attention_forward(module, q, k, v, mask.clone())[0]
     assert torch.equal(second, fresh)
     assert not torch.equal(first, second)
+
+
+def _teacher_forced(model, ids, mask, continuation, cache: str):
+    """Logits of each continuation token's prediction: the prompt in one forward, then the
+    continuation one token per step through the cache (the last token's logits each time)."""
+    batch, n = ids.shape
+    steps = continuation.shape[1]
+    if cache == "static":
+        past = transformers.StaticCache(config=model.config, max_cache_len=n + steps)
+    else:
+        past = transformers.DynamicCache(config=model.config)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=past, use_cache=True)
+        logits = [out.logits[:, -1]]
+        for j in range(steps - 1):
+            mask = torch.cat((mask, torch.ones(batch, 1, dtype=mask.dtype)), 1)
+            pos = pos[:, -1:] + 1
+            out = model(input_ids=continuation[:, j:j + 1], attention_mask=mask, position_ids=pos, past_key_values=past,
+                        use_cache=True)  # fmt: skip
+            logits.append(out.logits[:, -1])
+    return torch.stack(logits, 1)
+
+
+def test_integration_on_the_cuda_kernels_emulated():
+    """The CUDA kernels (run by the emulator) behind the integration's views of the model's
+    tensors: bf16, head dim 64, GQA groups of 2; prefill through the flash kernel (varlen when
+    padded), decoding steps through the decode kernel (paged over one-token pages when padded),
+    dynamic and static caches, against the float64 model run on each sequence alone."""
+    from genkernels.testing import emulate_cuda, has_emulation
+
+    if not has_emulation():
+        pytest.skip("built without emulation")
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=64)  # fmt: skip
+    torch.manual_seed(0)
+    ref_model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    with torch.no_grad():
+        for p in ref_model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.2)
+    models = {}
+    for impl in (gkt.NAME, "sdpa"):
+        # (a config of its own: models made from one config object share its attention choice)
+        models[impl] = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation=impl)
+        models[impl].load_state_dict(ref_model.state_dict())
+        models[impl].eval().to(torch.bfloat16)
+    assert [m.config._attn_implementation for m in models.values()] == [gkt.NAME, "sdpa"]
+    ref_model.to(torch.float64)
+    g = torch.Generator().manual_seed(7)
+    continuation = torch.randint(1, VOCAB, (3, 4), generator=g)
+    for padding in ("none", "left"):
+        ids, mask = _batch(padding, length=11)
+        ref = torch.stack([
+            ref_model(input_ids=torch.cat((ids[b][mask[b].bool()], continuation[b, :-1]))[None]).logits[0, -4:]
+            for b in range(3)
+        ]).detach()  # fmt: skip
+        for cache in ("dynamic", "static"):
+            base = _teacher_forced(models["sdpa"], ids, mask, continuation, cache)
+            with emulate_cuda():
+                out = _teacher_forced(models[gkt.NAME], ids, mask, continuation, cache)
+            assert_close(f"emulated/{padding}/{cache}", out.float(), ref, base)
