@@ -315,3 +315,26 @@ def test_integration_on_the_cuda_kernels_emulated():
             with emulate_cuda():
                 out = _teacher_forced(models[gkt.NAME], ids, mask, continuation, cache)
             assert_close(f"emulated/{padding}/{cache}", out.float(), ref, base)
+
+
+@pytest.mark.parametrize("kind", ["self", "cross"])
+def test_non_causal_attention_with_padding(kind):
+    """Encoder self-attention (right padding) and cross-attention to padded encoder states
+    (``module.is_causal = False``): every valid query attends to every valid key."""
+    g = torch.Generator().manual_seed(11)
+    batch, heads_q, heads_kv, d = 3, 4, 2, 16
+    q_len, kv_len = (9, 9) if kind == "self" else (5, 9)
+    q = torch.randn(batch, heads_q, q_len, d, generator=g)
+    k, v = (torch.randn(batch, heads_kv, kv_len, d, generator=g) for _ in range(2))
+    mask = torch.ones(batch, kv_len, dtype=torch.bool)
+    mask[1, 6:] = False  # right padding
+    mask[2, :4] = False  # left padding
+    module = torch.nn.Module().eval()
+    module.is_causal = False
+    out = gkt.attention_forward(module, q, k, v, mask)[0]
+    rep = heads_q // heads_kv
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q.double(), k.double().repeat_interleave(rep, 1), v.double().repeat_interleave(rep, 1), attn_mask=mask[:, None, None, :]
+    ).transpose(1, 2)  # fmt: skip
+    rows = mask if kind == "self" else torch.ones(batch, q_len, dtype=torch.bool)  # the valid queries
+    assert_close(f"non-causal/{kind}", out[rows], ref[rows])

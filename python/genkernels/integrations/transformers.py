@@ -26,7 +26,8 @@ bottom-right corner, ``sliding_window`` as ``window=(sliding_window - 1, ...)``,
 ``softcap``, GQA/MQA, non-causal modules (``module.is_causal = False``). The padding mask is the
 2-D ``attention_mask`` (this module registers the same mask builder as FlashAttention-2: no mask
 when nothing is padded). Each sequence's valid tokens must be one run: left padding (the usual
-for generation) at any step, right padding as well when there is no cache. Other masks, dropout in
+for generation) at any step, right padding as well when there is no cache or the attention is not
+causal (encoders, cross-attention to padded encoder states). Other masks, dropout in
 training, attention sinks (``s_aux``), position biases and ``output_attentions`` raise
 ``ValueError`` naming what is unsupported, rather than computing something else; use
 ``attn_implementation="sdpa"`` for those models.
@@ -128,7 +129,7 @@ def attention_forward(
     first = end = None
     span = kv_len
     if attention_mask is not None:
-        first, end, unpadded = _runs(attention_mask, batch, q_len, kv_len)
+        first, end, unpadded = _runs(attention_mask, batch, q_len, kv_len, causal)
         span = attention_mask.shape[-1]  # keys [0, span); a StaticCache's later slots are empty
         if unpadded:
             first = end = None
@@ -179,19 +180,20 @@ def _packed_segments(kwargs, batch: int, q_len: int, kv_len: int):
 _last_runs: list = [None, None]  # (mask, version, (batch, q_len, kv_len), result) each, replaced whole
 
 
-def _runs(mask: torch.Tensor, batch: int, q_len: int, kv_len: int):
+def _runs(mask: torch.Tensor, batch: int, q_len: int, kv_len: int, causal: bool = True):
     """``(first, end, unpadded)``: first and one-past-last valid index of each row of a 2-D
     padding mask, and whether no row is padded; raises unless each row's valid entries form one
-    run that the queries (the last ``q_len`` of the mask's span) end."""
+    run, which for causal attention the queries (the last ``q_len`` of the mask's span) end."""
     # (inference tensors have no version counter: they are analysed every time)
     version = -1 if mask.is_inference() else mask._version
     for memo in tuple(_last_runs):
-        if memo is not None and memo[0] is mask and memo[1] == version >= 0 and memo[2] == (batch, q_len, kv_len):
+        if memo is not None and memo[0] is mask and memo[1] == version >= 0 and memo[2] == (batch, q_len, kv_len,
+                                                                                          causal):  # fmt: skip
             return memo[3]
-    if mask.dim() != 2 or mask.shape[0] != batch or not q_len <= mask.shape[1] <= kv_len:
+    if mask.dim() != 2 or mask.shape[0] != batch or not (q_len if causal else 1) <= mask.shape[1] <= kv_len:
         raise ValueError(
             f"genkernels attention: attention_mask must be a 2-D padding mask (batch={batch}, n) with "
-            f"{q_len} <= n <= {kv_len} (the keys), got shape {tuple(mask.shape)}"
+            f"{q_len if causal else 1} <= n <= {kv_len} (the keys), got shape {tuple(mask.shape)}"
         )
     m = mask.to(torch.bool)
     n = m.shape[1]
@@ -201,20 +203,25 @@ def _runs(mask: torch.Tensor, batch: int, q_len: int, kv_len: int):
     end = torch.where(m, idx + 1, 0).amax(1)
     if bool((count != end - first).any()):
         _unsupported("an attention_mask whose valid tokens are not one run per sequence (left or right padding)")
-    if q_len < n and bool((end != n).any()):
+    if causal and q_len < n and bool((end != n).any()):
         _unsupported("right padding with a cache (the new tokens must be the last of each sequence)")
     result = first, end, bool(((first == 0) & (end == n)).all())
-    _last_runs[:] = [(mask, version, (batch, q_len, kv_len), result), _last_runs[0]]
+    _last_runs[:] = [(mask, version, (batch, q_len, kv_len, causal), result), _last_runs[0]]
     return result
 
 
 def _padded(q, k, v, first, end, span, opts):
-    """Prefill of a padded batch: sequence b's valid tokens are ``[first[b], end[b])`` of the
-    first ``span`` keys, its queries the valid ones among the last ``q_len`` tokens of the span."""
+    """Prefill of a padded batch: sequence b's valid keys are ``[first[b], end[b])`` of the first
+    ``span``; its queries the valid ones among the last ``q_len`` tokens of the span, except in
+    non-causal attention to other tokens (cross-attention: ``q_len != span``), where every query
+    is valid."""
     batch, q_len, heads_q, head_dim = q.shape
     kv_len = k.shape[1]
-    q_first = (first - (span - q_len)).clamp(min=0)
-    q_lens = (end - (span - q_len)).clamp(min=0) - q_first
+    if not opts["causal"] and q_len != span:
+        q_first, q_lens = torch.zeros_like(first), torch.full_like(first, q_len)
+    else:
+        q_first = (first - (span - q_len)).clamp(min=0)
+        q_lens = (end - (span - q_len)).clamp(min=0) - q_first
     k_lens = end - first
     qi = _token_index(q_first, q_lens, q_len)
     ki = _token_index(first, k_lens, kv_len)
