@@ -338,3 +338,20 @@ def test_non_causal_attention_with_padding(kind):
     ).transpose(1, 2)  # fmt: skip
     rows = mask if kind == "self" else torch.ones(batch, q_len, dtype=torch.bool)  # the valid queries
     assert_close(f"non-causal/{kind}", out[rows], ref[rows])
+
+
+def test_torch_compile_generate():
+    """A compiled forward (graph breaks where the mask is analysed) generates what eager does:
+    left-padded batch, static cache (prefill through varlen, steps through the paged decode)."""
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(_config("llama"), attn_implementation=gkt.NAME).eval()
+    model.generation_config.eos_token_id = None
+    ids, mask = _batch("left", length=11)
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0,
+                  cache_implementation="static", output_logits=True, return_dict_in_generate=True)  # fmt: skip
+    with torch.no_grad():
+        want = model.generate(**kwargs)
+        model.forward = torch.compile(model.forward)
+        got = model.generate(**kwargs)
+    assert torch.equal(got.sequences, want.sequences)
+    torch.testing.assert_close(torch.stack(got.logits), torch.stack(want.logits), rtol=1e-5, atol=1e-5)
