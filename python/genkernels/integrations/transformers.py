@@ -8,8 +8,8 @@
     model.generate(**inputs, max_new_tokens=64)                            # DynamicCache
     model.generate(**inputs, max_new_tokens=64, cache_implementation="static")  # no copies per step
 
-Every model whose attention goes through ``transformers``' ``AttentionInterface`` (Llama, Mistral,
-Qwen2/3, Gemma 2/3, Phi-3, ...) then runs
+Every model whose attention goes through ``transformers``' ``AttentionInterface`` (tested: Llama,
+Mistral, Qwen2, Gemma 2) then runs
 
 - prefill (and any call with more than ``DECODE_MAX_QUERIES`` new tokens) through
   :func:`genkernels.flash_attention`, or :func:`genkernels.flash_attention_varlen` when the batch
