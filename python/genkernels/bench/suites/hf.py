@@ -4,7 +4,10 @@ called as a decoder layer calls it during a decoding step, on the tensors a ``Dy
 holds: ``(batch, heads_kv, length, head_dim)``, 32 query heads over 8 kv heads, head dim 128.
 
 - Unpadded batches: the decode kernel reads those tensors in place. The "% of torch.sum" is the
-  read rate against ``torch.sum`` over the same cache, timed in the same loop.
+  read rate against ``torch.sum`` over the same cache, timed in the same loop. ``transformers``
+  passes no mask here, and its SDPA function then calls SDPA with ``enable_gqa=True``.
+- With a mask (the padded cases, and every step of a static cache) it folds a group's query
+  heads into the query axis instead, the faster form.
 - Left-padded batches (4 sequences with 0, 1/8, 1/4 and 1/2 of the length padded): one-token
   pages over the same memory. SDPA gets the boolean ``(batch, 1, 1, length)`` mask that
   ``transformers`` builds for it. GB/s counts the valid tokens' keys and values.
