@@ -55,10 +55,15 @@ def _genkernels(q, k_cache, v_cache, lens, table, k, v):
     return decode.decode_attention(q, k_cache, v_cache, lens, block_table=table)
 
 
+def sum_as_fp32(*caches):
+    """``torch.sum`` over each cache's bytes viewed as fp32, so that every dtype is read at the
+    same speed: the machine's read bandwidth on the bytes a kernel reads (the suites' probe)."""
+    return tuple(torch.sum(c.view(-1).view(torch.float32)) for c in caches)
+
+
 def read_probe(q, k_cache, v_cache, lens, table, k, v):
-    """``torch.sum`` over the cache the kernel reads (the pool, when paged), viewed as fp32 so that
-    every dtype is read at the same speed: this machine's read bandwidth on the same bytes."""
-    return torch.sum(k_cache.view(-1).view(torch.float32)), torch.sum(v_cache.view(-1).view(torch.float32))
+    """``torch.sum`` over the cache the kernel reads (the pool, when paged)."""
+    return sum_as_fp32(k_cache, v_cache)
 
 
 def contiguous(q, k_cache, v_cache, lens, table, k, v):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from ..registry import Case, Companion, register
+from .decode import sum_as_fp32
 
 SUITE = "hf"
 HEADS_Q, HEADS_KV, HEAD_DIM = 32, 8, 128
@@ -72,8 +73,8 @@ def sdpa(layer, q, k, v, mask2d, mask4d):
 
 
 def read_probe(layer, q, k, v, mask2d, mask4d):
-    """``torch.sum`` over the cache tensors (viewed as fp32: every dtype read at the same speed)."""
-    return torch.sum(k.view(-1).view(torch.float32)), torch.sum(v.view(-1).view(torch.float32))
+    """``torch.sum`` over the cache tensors, as the decode suite's probe."""
+    return sum_as_fp32(k, v)
 
 
 if gkt is not None:
