@@ -84,7 +84,7 @@ def apply_rotary(
 
 
 # ------------------------------------------------------------------ implementation
-_FLOAT32 = torch.float32  # the fast paths' aliases, as in decode.py (imported from there)
+_FLOAT32 = torch.float32  # a fast-path alias like those imported from decode.py, which has no float32 one
 
 
 def _fast_tables(cos, sin, head_dim: int):

@@ -215,7 +215,7 @@ def _padded(q, k, v, first, end, span, opts):
     ``span``; its queries the valid ones among the last ``q_len`` tokens of the span, except in
     non-causal attention to other tokens (cross-attention: ``q_len != span``), where every query
     is valid."""
-    batch, q_len, heads_q, head_dim = q.shape
+    _, q_len, heads_q, head_dim = q.shape
     kv_len = k.shape[1]
     if not opts["causal"] and q_len != span:
         q_first, q_lens = torch.zeros_like(first), torch.full_like(first, q_len)
